@@ -1,0 +1,40 @@
+"""masked_optim: probably-aligned masked optimizers for machine unlearning.
+
+``ProbablyAlignedSGD`` and ``ProbablyAlignedAdam`` are ``torch.optim.Optimizer`` subclasses whose
+``step(forget=..., retain=...)`` applies the base update only on the coordinates that are, with the
+chosen confidence, aligned with both the forget and the retain gradient.
+"""
+
+from .mask import Constraint, feasibility_mask, feasibility_masks, normal_quantile, quantile, soft_mask, \
+    student_t_quantile, z_scores
+from .optim import (
+    ProbablyAlignedAdam,
+    ProbablyAlignedAdamW,
+    ProbablyAlignedOptimizer,
+    ProbablyAlignedSGD,
+    StepDiagnostics,
+)
+from .stats import GradStats, StatsEngine, VmapEngine, chan_merge, per_sample_grad_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Constraint",
+    "GradStats",
+    "ProbablyAlignedAdam",
+    "ProbablyAlignedAdamW",
+    "ProbablyAlignedOptimizer",
+    "ProbablyAlignedSGD",
+    "StatsEngine",
+    "StepDiagnostics",
+    "VmapEngine",
+    "chan_merge",
+    "feasibility_mask",
+    "feasibility_masks",
+    "normal_quantile",
+    "per_sample_grad_stats",
+    "quantile",
+    "soft_mask",
+    "student_t_quantile",
+    "z_scores",
+]

@@ -1,0 +1,240 @@
+"""The feasibility mask (DESIGN §3) as pure tensor functions.
+
+A step ``θ ← θ − η·u`` keeps coordinate ``i`` iff ``u_i ≠ 0`` and both one-sided tests pass::
+
+    z_r,i =  sign(u_i) · μ_r,i / se_r,i  >  q(c_r)     (the step does not raise the retain loss)
+    z_f,i = −sign(u_i) · μ_f,i / se_f,i  >  q(c_f)     (the step raises the forget loss)
+
+with ``se = sqrt(M2 / (n (n−1)))`` and ``q(c)`` the standard-normal (or Student-t, ``n−1`` degrees
+of freedom) quantile.  ``se = 0`` with ``μ ≠ 0`` gives ``z = ±∞``, ``μ = 0`` gives ``z = 0``; nothing
+is ever NaN.
+
+The hard mask is evaluated without divisions or square roots: for ``q ≥ 0``,
+``s·μ/se > q  ⇔  s·μ·|μ| > q²·se²``, and for ``q < 0`` it fails only when ``s·μ·|μ| < −q²·se²``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Constraint",
+    "feasibility_mask",
+    "feasibility_masks",
+    "normal_quantile",
+    "quantile",
+    "soft_mask",
+    "student_t_cdf",
+    "student_t_quantile",
+    "z_scores",
+]
+
+
+def _check_confidence(c: float) -> None:
+    if not (0.0 < c < 1.0):
+        raise ValueError(f"confidence must lie in (0, 1), got {c!r}")
+
+
+def normal_quantile(c: float) -> float:
+    """Φ⁻¹(c), the standard-normal quantile."""
+    _check_confidence(c)
+    return 0.0 if c == 0.5 else NormalDist().inv_cdf(c)
+
+
+def student_t_cdf(t: float, df: int) -> float:
+    """CDF of Student's t with integer ``df`` ≥ 1 (closed-form finite series, Abramowitz & Stegun
+    26.7.3–26.7.4)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if t < 0:
+        return 1.0 - student_t_cdf(-t, df)
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 1:
+        a, term = theta, 0.0
+        if df > 1:
+            term = total = math.cos(theta)
+            for k in range(3, df, 2):
+                term *= c2 * (k - 1) / k
+                total += term
+            a += s * total
+        a *= 2.0 / math.pi
+    else:
+        term = total = 1.0
+        for k in range(2, df, 2):
+            term *= c2 * (k - 1) / k
+            total += term
+        a = s * total
+    return 0.5 + 0.5 * a
+
+
+@functools.lru_cache(maxsize=1024)
+def student_t_quantile(c: float, df: int) -> float:
+    """Quantile of Student's t with ``df`` degrees of freedom (bisection on the exact CDF)."""
+    _check_confidence(c)
+    if c == 0.5:
+        return 0.0
+    if c < 0.5:
+        return -student_t_quantile(1.0 - c, df)
+    if df > 100_000:  # the series needs ~df/2 terms; the normal limit is exact to ~1e-5 there
+        return normal_quantile(c)
+    lo, hi = 0.0, 1.0
+    while student_t_cdf(hi, df) < c:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if student_t_cdf(mid, df) < c:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def quantile(c: float, n: int, kind: str = "normal") -> float:
+    """Threshold ``q(c)`` for a batch of ``n`` samples: ``"normal"`` or ``"t"`` (df = n − 1)."""
+    if kind == "normal":
+        return normal_quantile(c)
+    if kind == "t":
+        if n < 2:
+            _check_confidence(c)
+            if c == 0.5:
+                return 0.0
+            raise ValueError(f"a Student-t quantile needs n >= 2 samples, got n={n}")
+        return student_t_quantile(c, n - 1)
+    raise ValueError(f"unknown quantile kind {kind!r}; expected 'normal' or 't'")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One side of the test for one parameter: batch moments and the threshold ``q``.
+
+    ``sign`` is +1 for the retain constraint (the update must follow ``μ``) and −1 for the forget
+    constraint (the update must oppose ``μ``).
+    """
+
+    mean: Tensor
+    m2: Tensor
+    n: int
+    q: float
+    sign: int = 1
+
+    @property
+    def coeff(self) -> float:
+        """``q² / (n (n−1))``, so that ``q²·se² = coeff · M2``."""
+        if self.q == 0.0:
+            return 0.0
+        if self.n < 2:
+            raise ValueError(f"a confidence other than 0.5 needs n >= 2 samples, got n={self.n}")
+        return self.q * self.q / (self.n * (self.n - 1))
+
+
+def z_scores(u: Tensor, mean: Tensor, m2: Tensor, n: int, sign: int = 1) -> Tensor:
+    """``sign · sign(u) · μ / se`` with the degenerate cases of DESIGN §3 (never NaN)."""
+    s_mu = torch.sign(u) * mean * sign
+    if n < 2:
+        se = torch.zeros_like(m2)
+    else:
+        se = (m2.clamp_min(0) / (n * (n - 1))).sqrt()
+    z = s_mu / se
+    return torch.where(s_mu == 0, torch.zeros_like(z), z)
+
+
+def _keep_one(u_sign: Tensor, con: Constraint) -> Tensor:
+    """0/1 float mask of one constraint, in the division-free form."""
+    lhs = u_sign * con.mean * con.mean.abs()
+    if con.sign < 0:
+        lhs = lhs.neg_()
+    coeff = con.coeff
+    if con.q >= 0:
+        return (lhs > con.m2 * coeff) if coeff else (lhs > 0)
+    return lhs >= con.m2 * (-coeff)
+
+
+def feasibility_mask(
+    u: Tensor,
+    forget: Constraint | None = None,
+    retain: Constraint | None = None,
+    soft: bool = False,
+) -> Tensor:
+    """Mask (same shape and dtype as ``u``) of the coordinates probably aligned with both gradients.
+
+    A missing constraint is not tested.  ``soft=True`` returns the focus weights
+    ``Φ(z_r − q_r)·Φ(z_f − q_f)`` instead of 0/1 (see :func:`soft_mask`).
+    """
+    if soft:
+        return soft_mask(u, forget, retain)
+    s = torch.sign(u)
+    keep = s != 0
+    for con in (forget, retain):
+        if con is not None:
+            keep &= _keep_one(s, con)
+    return keep.to(u.dtype)
+
+
+def soft_mask(u: Tensor, forget: Constraint | None = None, retain: Constraint | None = None) -> Tensor:
+    """Focus weights ``Π Φ(z − q)`` over the given constraints, 0 where ``u = 0``."""
+    w = (u != 0).to(u.dtype)
+    for con in (forget, retain):
+        if con is not None:
+            z = z_scores(u, con.mean, con.m2, con.n, con.sign).to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+            w = w * torch.special.ndtr(z - con.q).to(u.dtype)
+    return w
+
+
+def feasibility_masks(
+    us: Sequence[Tensor],
+    forget: Sequence[Constraint] | None = None,
+    retain: Sequence[Constraint] | None = None,
+    soft: bool = False,
+) -> list[Tensor]:
+    """:func:`feasibility_mask` over lists of parameters with ``torch._foreach_*`` kernels.
+
+    Every constraint of one side must share ``n`` and ``q`` (they come from one batch).  Each test
+    is computed as ``sign(max(lhs − rhs, 0))`` so that the whole mask is foreach arithmetic.
+    """
+    us = list(us)
+    if soft or not us:
+        return [
+            feasibility_mask(u, forget[i] if forget else None, retain[i] if retain else None, soft)
+            for i, u in enumerate(us)
+        ]
+    signs = torch._foreach_sign(us)
+    masks = torch._foreach_abs(signs)  # u ≠ 0
+    for cons in (forget, retain):
+        if not cons:
+            continue
+        con0 = cons[0]
+        means = [c.mean for c in cons]
+        lhs = torch._foreach_abs(means)
+        torch._foreach_mul_(lhs, means)
+        torch._foreach_mul_(lhs, signs)
+        if con0.sign < 0:
+            torch._foreach_neg_(lhs)
+        coeff = con0.coeff
+        m2s = [c.m2 for c in cons]
+        if con0.q >= 0:
+            # keep iff lhs > coeff·M2
+            if coeff:
+                torch._foreach_sub_(lhs, torch._foreach_mul(m2s, coeff))
+            torch._foreach_clamp_min_(lhs, 0.0)
+            torch._foreach_sign_(lhs)
+            torch._foreach_mul_(masks, lhs)
+        else:
+            # drop iff lhs < −coeff·M2, i.e. (−coeff·M2 − lhs) > 0
+            drop = torch._foreach_mul(m2s, -coeff)
+            torch._foreach_sub_(drop, lhs)
+            torch._foreach_clamp_min_(drop, 0.0)
+            torch._foreach_sign_(drop)
+            torch._foreach_neg_(drop)
+            torch._foreach_add_(drop, 1.0)
+            torch._foreach_mul_(masks, drop)
+    return [m.to(u.dtype) if m.dtype != u.dtype else m for m, u in zip(masks, us)]

@@ -1,0 +1,389 @@
+"""Machinery shared by the probably-aligned optimizers: batches, statistics, direction, mask, diagnostics."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..mask import Constraint, feasibility_mask, feasibility_masks, quantile
+from ..stats import Batch, GradStats, StatsEngine, VmapEngine, validate_batch
+
+__all__ = ["StepDiagnostics", "ProbablyAlignedOptimizer"]
+
+_MASK_DEFAULTS = ("confidence", "forget_confidence", "retain_confidence", "quantile", "soft")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDiagnostics:
+    """What the last ``step()`` did. Never part of ``state_dict``.
+
+    ``kept_fraction`` is the fraction of updated coordinates the mask kept (the mean weight for a
+    soft mask; 1.0 when nothing was masked); ``direction`` is ``"grad"`` (the caller's ``p.grad``),
+    ``"stats"`` (``retain_weight·μ_r − forget_weight·μ_f``) or ``"none"``.
+    """
+
+    skipped: bool
+    reason: str | None
+    direction: str
+    kept_fraction: float
+    kept_fraction_per_group: list[float]
+    n_forget: int
+    n_retain: int
+    forget_loss: float | None
+    retain_loss: float | None
+
+
+@dataclasses.dataclass
+class _RawDiagnostics:
+    # tensors are kept on device and only read when the user asks, so step() does not sync for them
+    skipped: bool
+    reason: str | None
+    direction: str
+    kept: list[Tensor | None]
+    total: list[int]
+    n_forget: int
+    n_retain: int
+    forget_loss: Tensor | None
+    retain_loss: Tensor | None
+
+    def materialise(self) -> StepDiagnostics:
+        per_group = []
+        kept_all, total_all = 0.0, 0
+        for k, t in zip(self.kept, self.total):
+            if k is None or t == 0:
+                per_group.append(1.0)
+                kept_all += t
+            else:
+                kv = float(k)
+                per_group.append(kv / t)
+                kept_all += kv
+            total_all += t
+        return StepDiagnostics(
+            skipped=self.skipped,
+            reason=self.reason,
+            direction=self.direction,
+            kept_fraction=kept_all / total_all if total_all else 1.0,
+            kept_fraction_per_group=per_group,
+            n_forget=self.n_forget,
+            n_retain=self.n_retain,
+            forget_loss=None if self.forget_loss is None else float(self.forget_loss),
+            retain_loss=None if self.retain_loss is None else float(self.retain_loss),
+        )
+
+
+class _GroupMask:
+    """Per-group mask inputs; ``None`` entries mean "this constraint is not tested"."""
+
+    def __init__(
+        self, forget: list[Constraint] | None, retain: list[Constraint] | None, soft: bool
+    ) -> None:
+        self.forget, self.retain, self.soft = forget, retain, soft
+
+    def single(self, i: int, u: Tensor) -> Tensor:
+        return feasibility_mask(
+            u,
+            self.forget[i] if self.forget else None,
+            self.retain[i] if self.retain else None,
+            self.soft,
+        )
+
+    def many(self, idx: Sequence[int], us: Sequence[Tensor]) -> list[Tensor]:
+        return feasibility_masks(
+            us,
+            [self.forget[i] for i in idx] if self.forget else None,
+            [self.retain[i] for i in idx] if self.retain else None,
+            self.soft,
+        )
+
+
+def _validate_confidence(value: Any, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0):
+        raise ValueError(f"{name} must be None or a float in (0, 1), got {value!r}")
+
+
+class ProbablyAlignedOptimizer(Optimizer):
+    """Base class: subclasses implement ``_update_group(group, params, grads, mask)``, which advances
+    the base optimizer's state exactly as torch.optim would and applies ``θ ← θ − lr · m ⊙ u`` (``m``
+    from ``mask.single``/``mask.many``, or no mask when ``mask`` is ``None``), and returns the kept
+    count tensors it produced."""
+
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+        confidence: float | None,
+        forget_confidence: float | None,
+        retain_confidence: float | None,
+        quantile: str,
+        soft: bool,
+        chunk_size: int | None,
+        engine: StatsEngine | None,
+        forget_weight: float,
+        retain_weight: float,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be callable(outputs, targets) -> scalar loss")
+        if forget_weight < 0 or retain_weight < 0:
+            raise ValueError("forget_weight and retain_weight must be non-negative")
+        defaults = dict(
+            defaults,
+            confidence=confidence,
+            forget_confidence=forget_confidence,
+            retain_confidence=retain_confidence,
+            quantile=quantile,
+            soft=soft,
+        )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.engine: StatsEngine = engine if engine is not None else VmapEngine(chunk_size)
+        self.forget_weight = float(forget_weight)
+        self.retain_weight = float(retain_weight)
+        self._model_param_ids = {id(p) for p in model.parameters()}
+        self._staged: tuple[Batch | None, Batch | None] = (None, None)
+        self._raw_diag: _RawDiagnostics | None = None
+        self._warned_unmasked = False
+        super().__init__(params, defaults)
+
+    # -- configuration ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key in ("confidence", "forget_confidence", "retain_confidence"):
+            _validate_confidence(group[key], key)
+        if group["quantile"] not in ("normal", "t"):
+            raise ValueError(f"quantile must be 'normal' or 't', got {group['quantile']!r}")
+        if group.get("fused"):
+            raise ValueError(f"{type(self).__name__} does not support fused=True")
+        if group.get("differentiable"):
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+        for i, p in enumerate(group["params"]):
+            if id(p) not in self._model_param_ids:
+                raise ValueError(
+                    f"parameter {i} of group {len(self.param_groups) - 1} (shape {tuple(p.shape)}) is not a "
+                    "parameter of `model`: per-sample statistics can only be computed for the model's own "
+                    "parameters"
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("forget_confidence", None)
+            group.setdefault("retain_confidence", None)
+            group.setdefault("quantile", "normal")
+            group.setdefault("soft", False)
+
+    @staticmethod
+    def _effective(group: dict[str, Any], side: str) -> float | None:
+        own = group[f"{side}_confidence"]
+        return own if own is not None else group["confidence"]
+
+    # -- public API --------------------------------------------------------------------------------
+    def stage(self, forget: Batch | None = None, retain: Batch | None = None) -> None:
+        """Stage the batches for the next ``step()`` (for trainers that only call ``step()`` or
+        ``step(closure)``). Batches passed to ``step`` directly take precedence; staged ones are
+        used once."""
+        if forget is not None:
+            validate_batch(forget, "forget")
+        if retain is not None:
+            validate_batch(retain, "retain")
+        self._staged = (forget, retain)
+
+    @property
+    def diagnostics(self) -> StepDiagnostics | None:
+        """Diagnostics of the last step (``None`` before the first). Reading it synchronises."""
+        return None if self._raw_diag is None else self._raw_diag.materialise()
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        forget: Batch | None = None,
+        retain: Batch | None = None,
+    ) -> Any:
+        """Masked optimisation step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; run first (its backward sets the
+                direction).
+            forget: ``(inputs, targets)`` of the forget set, with the true labels.
+            retain: ``(inputs, targets)`` of the retain set.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        staged_f, staged_r = self._staged
+        self._staged = (None, None)
+        forget = forget if forget is not None else staged_f
+        retain = retain if retain is not None else staged_r
+
+        # ---- validation: nothing below mutates anything until all checks have passed ----
+        n_f = validate_batch(forget, "forget")[2] if forget is not None else 0
+        n_r = validate_batch(retain, "retain")[2] if retain is not None else 0
+        has_grad = False
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    has_grad = True
+                    if p.grad.is_sparse:
+                        raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+        test_f = forget is not None and any(self._effective(g, "forget") is not None for g in self.param_groups)
+        test_r = retain is not None and any(self._effective(g, "retain") is not None for g in self.param_groups)
+        for side, n, tested in (("forget", n_f, test_f), ("retain", n_r, test_r)):
+            if tested and n < 2:
+                for g in self.param_groups:
+                    c = self._effective(g, side)
+                    if c is not None and c != 0.5:
+                        raise ValueError(
+                            f"the {side} batch has {n} sample: a variance needs at least 2 "
+                            f"(or {side} confidence exactly 0.5, plain sign agreement)"
+                        )
+        want_f = test_f or (not has_grad and forget is not None)
+        want_r = test_r or (not has_grad and retain is not None)
+        if (
+            not self._warned_unmasked
+            and has_grad
+            and not (test_f or test_r)
+            and any(self._effective(g, s) is not None for g in self.param_groups for s in ("forget", "retain"))
+        ):
+            warnings.warn(
+                f"{type(self).__name__}.step() got no forget/retain batch: the update is not masked",
+                stacklevel=2,
+            )
+            self._warned_unmasked = True
+
+        # ---- statistics ----
+        stat_params = self._stat_params()
+        stats_f = self._stats(stat_params, forget) if want_f else None
+        stats_r = self._stats(stat_params, retain) if want_r else None
+        index = {id(p): i for i, p in enumerate(stat_params)}
+
+        direction = "grad" if has_grad else ("stats" if (stats_f or stats_r) else "none")
+        stat_grads: dict[int, Tensor] = {}
+        if direction == "stats":
+            stat_grads = self._stats_direction(stat_params, stats_f, stats_r)
+
+        # ---- non-finite guard: one host sync for everything the update will read ----
+        to_check: list[Tensor] = []
+        for s in (stats_f, stats_r):
+            if s is not None:
+                to_check += s.mean + s.m2
+        if has_grad:
+            to_check += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if to_check and not _all_finite(to_check):
+            self._raw_diag = _RawDiagnostics(
+                True, "non-finite gradients or statistics", direction, [None] * len(self.param_groups),
+                [0] * len(self.param_groups), n_f, n_r,
+                None if stats_f is None else stats_f.loss, None if stats_r is None else stats_r.loss,
+            )
+            return loss
+
+        kept: list[Tensor | None] = []
+        total: list[int] = []
+        for group in self.param_groups:
+            params, grads = [], []
+            for p in group["params"]:
+                g = p.grad if has_grad else stat_grads.get(id(p))
+                if g is not None:
+                    params.append(p)
+                    grads.append(g)
+            mask = self._group_mask(group, params, index, stats_f, stats_r, test_f, test_r)
+            counts = self._update_group(group, params, grads, mask)
+            total.append(sum(p.numel() for p in params))
+            kept.append(torch.stack([c.to(torch.float64) for c in counts]).sum() if counts else None)
+        self._raw_diag = _RawDiagnostics(
+            False, None, direction, kept, total, n_f, n_r,
+            None if stats_f is None else stats_f.loss, None if stats_r is None else stats_r.loss,
+        )
+        return loss
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _stat_params(self) -> list[Tensor]:
+        seen: dict[int, Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def _stats(self, params: list[Tensor], batch: Batch) -> GradStats:
+        with torch.enable_grad():
+            return self.engine(self.model, params, batch, self.loss_fn)
+
+    def _stats_direction(
+        self, params: list[Tensor], stats_f: GradStats | None, stats_r: GradStats | None
+    ) -> dict[int, Tensor]:
+        out = {}
+        for i, p in enumerate(params):
+            g = torch.zeros_like(p)
+            if stats_r is not None and self.retain_weight:
+                g.add_(stats_r.mean[i].to(p.dtype), alpha=self.retain_weight)
+            if stats_f is not None and self.forget_weight:
+                g.sub_(stats_f.mean[i].to(p.dtype), alpha=self.forget_weight)
+            out[id(p)] = g
+        return out
+
+    def _group_mask(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        index: dict[int, int],
+        stats_f: GradStats | None,
+        stats_r: GradStats | None,
+        test_f: bool,
+        test_r: bool,
+    ) -> _GroupMask | None:
+        sides = []
+        for side, stats, tested, sign in (("forget", stats_f, test_f, -1), ("retain", stats_r, test_r, 1)):
+            c = self._effective(group, side)
+            if not tested or c is None or stats is None:
+                sides.append(None)
+                continue
+            q = quantile(c, stats.n, group["quantile"])
+            sides.append(
+                [Constraint(stats.mean[index[id(p)]], stats.m2[index[id(p)]], stats.n, q, sign) for p in params]
+            )
+        if sides[0] is None and sides[1] is None:
+            return None
+        return _GroupMask(sides[0], sides[1], group["soft"])
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], mask: _GroupMask | None
+    ) -> list[Tensor]:
+        raise NotImplementedError
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    # the inf-norm propagates NaN and Inf without overflowing on large finite values
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        by_device.setdefault(t.device, []).append(t)
+    for ts in by_device.values():
+        norms = torch._foreach_norm(ts, float("inf"))
+        if not bool(torch.stack(norms).isfinite().all()):
+            return False
+    return True
+
+
+def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
+    foreach = group.get("foreach")
+    if foreach is None:
+        # torch.optim's rule: foreach by default when every tensor is on a native (CUDA) device
+        return bool(params) and all(p.is_cuda for p in params) and not torch.jit.is_scripting()
+    return bool(foreach)

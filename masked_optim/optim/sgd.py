@@ -1,0 +1,241 @@
+"""ProbablyAlignedSGD: torch.optim.SGD whose final update is masked to the probably-aligned coordinates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..stats import StatsEngine
+from ._base import ProbablyAlignedOptimizer, _GroupMask, _use_foreach
+
+__all__ = ["ProbablyAlignedSGD", "masked_sgd"]
+
+
+class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
+    r"""SGD (momentum, dampening, Nesterov, coupled weight decay) with the feasibility mask.
+
+    The momentum buffer evolves exactly as in :class:`torch.optim.SGD`; only the parameter change
+    ``lr · u`` (``u`` = buffer, Nesterov look-ahead and weight decay included) is masked, so frozen
+    coordinates never move.  With ``confidence=None`` (and no per-side confidence) the trajectory is
+    that of :class:`torch.optim.SGD`.
+
+    Args:
+        params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach: as torch.optim.SGD.
+        model: the module whose parameters are optimised (per-sample statistics run through it).
+        loss_fn: per-sample loss ``loss_fn(outputs, targets)``; cross-entropy by default.
+        confidence: confidence ``c`` of both tests; ``None`` disables the mask.
+        forget_confidence, retain_confidence: override ``confidence`` for one test.
+        quantile: ``"normal"`` (default) or ``"t"`` (Student-t, ``n − 1`` degrees of freedom).
+        soft: weight coordinates by ``Φ(z_r − q_r)·Φ(z_f − q_f)`` instead of 0/1.
+        chunk_size: samples per vmap chunk of the reference engine (``None``: memory-bounded auto).
+        engine: a custom statistics engine (see :class:`masked_optim.stats.StatsEngine`).
+        forget_weight, retain_weight: weights of the default direction
+            ``retain_weight·μ_r − forget_weight·μ_f`` used when no parameter has a gradient.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        confidence: float | None = 0.95,
+        forget_confidence: float | None = None,
+        retain_confidence: float | None = None,
+        quantile: str = "normal",
+        soft: bool = False,
+        chunk_size: int | None = None,
+        engine: StatsEngine | None = None,
+        forget_weight: float = 1.0,
+        retain_weight: float = 1.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) or lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr} (a non-negative float is required)")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(
+            params,
+            defaults,
+            model=model,
+            loss_fn=loss_fn,
+            confidence=confidence,
+            forget_confidence=forget_confidence,
+            retain_confidence=retain_confidence,
+            quantile=quantile,
+            soft=soft,
+            chunk_size=chunk_size,
+            engine=engine,
+            forget_weight=forget_weight,
+            retain_weight=retain_weight,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor | None]:
+        if group["momentum"] == 0:
+            return []
+        return [self.state[p].get("momentum_buffer") for p in params]
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], mask: _GroupMask | None
+    ) -> list[Tensor]:
+        bufs = self._init_group(group, params)
+        kept = masked_sgd(
+            params,
+            grads,
+            bufs,
+            mask,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            foreach=_use_foreach(group, params),
+        )
+        if group["momentum"] != 0:
+            for p, buf in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = buf
+        return kept
+
+
+def masked_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    mask: _GroupMask | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    foreach: bool,
+) -> list[Tensor]:
+    """Functional masked SGD; returns the per-parameter kept counts (empty when unmasked)."""
+    fn = _multi_tensor_masked_sgd if foreach else _single_tensor_masked_sgd
+    return fn(
+        params, grads, momentum_buffer_list, mask, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        dampening=dampening, nesterov=nesterov, maximize=maximize,
+    )
+
+
+def _single_tensor_masked_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    mask: _GroupMask | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> list[Tensor]:
+    kept = []
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffer_list[i]
+            if buf is None:
+                buf = grad.detach().clone()
+                momentum_buffer_list[i] = buf
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        if mask is None:
+            param.add_(grad, alpha=-lr)
+        else:
+            m = mask.single(i, grad)
+            param.addcmul_(grad, m, value=-lr)
+            kept.append(m.sum())
+    return kept
+
+
+def _multi_tensor_masked_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    mask: _GroupMask | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> list[Tensor]:
+    if not params:
+        return []
+    kept: list[Tensor] = []
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, momentum_buffer_list], with_indices=True  # type: ignore[list-item]
+    )
+    for (dev_params, dev_grads, dev_bufs), indices in grouped.values():
+        if maximize:
+            dev_grads = torch._foreach_neg(dev_grads)
+        if weight_decay != 0:
+            if maximize:
+                torch._foreach_add_(dev_grads, dev_params, alpha=weight_decay)
+            else:
+                dev_grads = torch._foreach_add(dev_grads, dev_params, alpha=weight_decay)
+        if momentum != 0:
+            bufs = []
+            if all(b is not None for b in dev_bufs):
+                bufs = list(dev_bufs)
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, dev_grads, alpha=1 - dampening)
+            else:
+                for j, b in enumerate(dev_bufs):
+                    if b is None:
+                        b = dev_bufs[j] = momentum_buffer_list[indices[j]] = dev_grads[j].detach().clone()
+                    else:
+                        b.mul_(momentum).add_(dev_grads[j], alpha=1 - dampening)
+                    bufs.append(b)
+            # out of place: dev_grads may still be the caller's p.grad
+            dev_grads = torch._foreach_add(dev_grads, bufs, alpha=momentum) if nesterov else bufs
+        if mask is None:
+            torch._foreach_add_(dev_params, dev_grads, alpha=-lr)
+        else:
+            masks = mask.many(indices, dev_grads)
+            torch._foreach_addcmul_(dev_params, dev_grads, masks, value=-lr)
+            kept.extend(torch._foreach_norm(masks, 1))
+    return kept

@@ -1,0 +1,258 @@
+"""Per-sample gradient statistics (DESIGN §4).
+
+The engine returns, for every parameter, the count ``n``, the mean ``μ`` and the sum of squared
+deviations ``M2`` of the per-sample gradients ``g_k = ∇θ ℓ(f_θ(x_k), y_k)`` of a batch.  The reference
+engine is ``torch.func``: ``vmap(grad(per-sample loss))`` over chunks of the batch, with chunk
+results merged by Chan's parallel formula, so peak memory is ``chunk_size × P`` and not ``n × P``.
+
+Statistics are always computed with the model in *evaluation behaviour* (BatchNorm uses its running
+statistics, dropout is off): BatchNorm in training mode has no per-sample gradients at all, since each
+sample's output depends on the whole batch.  The caller's module modes and running statistics are
+restored/untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+__all__ = [
+    "Batch",
+    "GradStats",
+    "StatsEngine",
+    "VmapEngine",
+    "chan_merge",
+    "chunk_moments",
+    "eval_behaviour",
+    "per_sample_grad_stats",
+    "validate_batch",
+]
+
+Batch = tuple[Union[Tensor, Sequence[Tensor]], Tensor]
+"""``(inputs, targets)``: ``inputs`` is a tensor or a tuple of tensors, all with leading size ``n``."""
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of per-sample gradients held at once
+
+
+@dataclasses.dataclass
+class GradStats:
+    """Moments of per-sample gradients, one entry per parameter (in the order they were requested).
+
+    ``mean[i]`` and ``m2[i]`` have the shape of parameter ``i`` and dtype at least float32;
+    ``loss`` is the mean per-sample loss of the batch (0-dim tensor).
+    """
+
+    n: int
+    mean: list[Tensor]
+    m2: list[Tensor]
+    loss: Tensor
+
+    def variance(self) -> list[Tensor]:
+        """Unbiased per-coordinate variance ``M2 / (n - 1)``."""
+        if self.n < 2:
+            raise ValueError(f"variance needs at least 2 samples, got n={self.n}")
+        return [m / (self.n - 1) for m in self.m2]
+
+    def merge(self, other: GradStats) -> GradStats:
+        """Statistics of the union of the two batches (Chan's formula)."""
+        return chan_merge(self, other)
+
+
+def chunk_moments(g: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and M2 over dim 0 of stacked per-sample values ``g`` (two-pass; far faster than
+    ``torch.var_mean`` on CPU and as accurate)."""
+    mean = g.sum(0).div_(g.shape[0])
+    dev = g - mean
+    return mean, dev.mul_(dev).sum(0)
+
+
+def chan_merge(a: GradStats, b: GradStats) -> GradStats:
+    """Merge statistics of two disjoint batches (Chan, Golub & LeVeque's parallel update)."""
+    if a.n == 0:
+        return b
+    if b.n == 0:
+        return a
+    n = a.n + b.n
+    mean, m2 = [], []
+    for ma, mb, qa, qb in zip(a.mean, b.mean, a.m2, b.m2):
+        delta = mb - ma
+        mean.append(ma + delta * (b.n / n))
+        m2.append(qa + qb + delta.square() * (a.n * b.n / n))
+    loss = a.loss + (b.loss - a.loss) * (b.n / n)
+    return GradStats(n, mean, m2, loss)
+
+
+def _merge_into(acc: GradStats, n_c: int, means: list[Tensor], m2s: list[Tensor], loss: Tensor) -> None:
+    """In-place Chan merge of one chunk into a running accumulator (avoids reallocations)."""
+    if acc.n == 0:
+        acc.n, acc.mean, acc.m2, acc.loss = n_c, means, m2s, loss
+        return
+    n = acc.n + n_c
+    w_new, w_cross = n_c / n, acc.n * n_c / n
+    deltas = torch._foreach_sub(means, acc.mean)
+    torch._foreach_add_(acc.m2, m2s)
+    sq = torch._foreach_mul(deltas, deltas)
+    torch._foreach_add_(acc.m2, sq, alpha=w_cross)
+    torch._foreach_add_(acc.mean, deltas, alpha=w_new)
+    acc.loss = acc.loss + (loss - acc.loss) * w_new
+    acc.n = n
+
+
+def validate_batch(batch: Batch, name: str = "batch") -> tuple[tuple[Tensor, ...], Tensor, int]:
+    """Check a ``(inputs, targets)`` batch and return ``(inputs_tuple, targets, n)``.
+
+    Raises ``TypeError`` for a wrong structure and ``ValueError`` for empty batches or inputs and
+    targets whose leading sizes differ.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{name} must be an (inputs, targets) pair, got {type(batch).__name__}")
+    inputs, targets = batch
+    xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    if not xs or not all(isinstance(x, Tensor) for x in xs):
+        raise TypeError(f"{name} inputs must be a tensor or a non-empty tuple of tensors")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"{name} targets must be a tensor, got {type(targets).__name__}")
+    if targets.dim() == 0 or any(x.dim() == 0 for x in xs):
+        raise ValueError(f"{name}: inputs and targets need a leading batch dimension")
+    n = targets.shape[0]
+    sizes = [x.shape[0] for x in xs]
+    if any(s != n for s in sizes):
+        raise ValueError(f"{name}: inputs have batch size {sizes} but targets have {n}")
+    if n == 0:
+        raise ValueError(f"{name} is empty (0 samples)")
+    return xs, targets, n
+
+
+@contextlib.contextmanager
+def eval_behaviour(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode inside the block and restore every submodule's own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 at least; float64 parameters keep float64
+    return torch.promote_types(dtype, torch.float32)
+
+
+class StatsEngine(Protocol):
+    """Computes per-sample gradient statistics of ``params`` (parameters of ``model``) on a batch."""
+
+    def __call__(
+        self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None
+    ) -> GradStats: ...
+
+
+class VmapEngine:
+    """Reference engine: ``torch.func.vmap(grad(...))`` over manual chunks, Chan-merged.
+
+    Args:
+        chunk_size: samples per vmap call. ``None`` picks the largest chunk whose per-sample gradients
+            fit in ``memory_budget`` bytes.
+        memory_budget: bytes of per-sample gradients allowed at once when ``chunk_size`` is ``None``.
+    """
+
+    def __init__(self, chunk_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if memory_budget <= 0:
+            raise ValueError(f"memory_budget must be positive, got {memory_budget}")
+        self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
+
+    def _chunk(self, params: Sequence[Tensor], n: int) -> int:
+        if self.chunk_size is not None:
+            return min(self.chunk_size, n)
+        per_sample = sum(p.numel() * p.element_size() for p in params)
+        return max(1, min(n, self.memory_budget // max(per_sample, 1)))
+
+    def __call__(
+        self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None
+    ) -> GradStats:
+        loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+        xs, y, n = validate_batch(batch)
+        names = _param_names(model, params)
+        device = params[0].device if params else y.device
+        xs = tuple(x.to(device, non_blocking=True) for x in xs)
+        y = y.to(device, non_blocking=True)
+
+        wanted = {id(p) for p in params}
+        consts = {k: v.detach() for k, v in model.named_parameters() if id(v) not in wanted}
+        consts.update({k: v for k, v in model.named_buffers()})
+        theta = {name: p.detach() for name, p in zip(names, params)}
+
+        def sample_loss(th: dict[str, Tensor], x: tuple[Tensor, ...], target: Tensor) -> tuple[Tensor, Tensor]:
+            out = functional_call(model, (th, consts), tuple(xi.unsqueeze(0) for xi in x))
+            loss = loss_fn(out, target.unsqueeze(0))
+            return loss, loss.detach()
+
+        per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
+        acc = GradStats(0, [], [], torch.zeros((), device=device))
+        chunk = self._chunk(params, n)
+        with eval_behaviour(model):
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                try:
+                    grads, losses = per_sample(theta, tuple(x[start:stop] for x in xs), y[start:stop])
+                except (RuntimeError, NotImplementedError) as err:
+                    raise RuntimeError(
+                        "per-sample gradients could not be computed with torch.func.vmap; the model "
+                        f"contains a layer or operation vmap does not support ({err})"
+                    ) from err
+                means, m2s = [], []
+                for name, p in zip(names, params):
+                    g = grads[name]
+                    if g.dtype != _acc_dtype(p.dtype):
+                        g = g.to(_acc_dtype(p.dtype))
+                    mu, m2 = chunk_moments(g)
+                    means.append(mu)
+                    m2s.append(m2)
+                del grads
+                _merge_into(acc, stop - start, means, m2s, losses.float().mean())
+        return acc
+
+
+def _param_names(model: nn.Module, params: Sequence[Tensor]) -> list[str]:
+    by_id = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), name)
+    names = []
+    for i, p in enumerate(params):
+        if id(p) not in by_id:
+            raise ValueError(
+                f"parameter {i} (shape {tuple(p.shape)}) is not a parameter of the given model"
+            )
+        names.append(by_id[id(p)])
+    return names
+
+
+def per_sample_grad_stats(
+    model: nn.Module,
+    batch: Batch,
+    params: Sequence[Tensor] | None = None,
+    loss_fn: LossFn | None = None,
+    chunk_size: int | None = None,
+) -> GradStats:
+    """Per-coordinate ``(n, mean, M2)`` of the per-sample gradients of ``loss_fn`` on ``batch``.
+
+    ``params`` defaults to every parameter of ``model`` that requires grad; ``loss_fn(outputs,
+    targets)`` defaults to cross-entropy and is applied to one sample at a time, so its reduction
+    does not matter.  Computed in eval behaviour (see module docstring).
+    """
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    return VmapEngine(chunk_size)(model, list(params), batch, loss_fn)

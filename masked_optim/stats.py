@@ -210,8 +210,9 @@ class VmapEngine:
                     grads, losses = per_sample(theta, tuple(x[start:stop] for x in xs), y[start:stop])
                 except (RuntimeError, NotImplementedError) as err:
                     raise RuntimeError(
-                        "per-sample gradients could not be computed with torch.func.vmap; the model "
-                        f"contains a layer or operation vmap does not support ({err})"
+                        f"per-sample gradients could not be computed with torch.func.vmap: {err}. Check "
+                        "that the batch fits the model; layers vmap cannot batch (data-dependent control "
+                        "flow, .item(), in-place updates of inputs or buffers) are not supported"
                     ) from err
                 means, m2s = [], []
                 for name, p in zip(names, params):

@@ -1,0 +1,146 @@
+"""The numbers unlearning papers compare (DESIGN §6): FA/RA/TA, UA, MIA-efficacy, gap to retrain."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data import ImageSet, UnlearningSplit
+
+__all__ = [
+    "GAP_METRICS",
+    "Metrics",
+    "accuracy",
+    "avg_gap",
+    "evaluate",
+    "mia_efficacy",
+    "svc_mia_efficacy",
+    "true_label_confidence",
+]
+
+GAP_METRICS = ("FA", "RA", "TA", "MIA")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Accuracies on forget/retain/test and MIA-efficacy, all in percent."""
+
+    FA: float
+    RA: float
+    TA: float
+    MIA: float
+
+    @property
+    def UA(self) -> float:
+        """Unlearning accuracy, 100 - FA."""
+        return 100.0 - self.FA
+
+    def as_dict(self) -> dict[str, float]:
+        """The four measured numbers plus UA."""
+        return {**asdict(self), "UA": self.UA}
+
+
+class _EvalMode:
+    """Evaluation behaviour (BatchNorm running statistics, no dropout) restored on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.modes = [m.training for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in zip(self.model.modules(), self.modes):
+            m.training = mode
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, images: ImageSet, idx: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    device = _device_of(model)
+    outs, ys = [], []
+    with _EvalMode(model):
+        for chunk in idx.split(batch_size):
+            x, y = images.batch(chunk, device)
+            outs.append(model(x).float().cpu())
+            ys.append(y.cpu())
+    if not outs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def accuracy(model: nn.Module, images: ImageSet, idx: Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent of ``model`` (evaluation mode) on the rows ``idx``."""
+    logits, y = _logits(model, images, idx, batch_size)
+    if len(y) == 0:
+        return float("nan")
+    return 100.0 * float((logits.argmax(1) == y).float().mean())
+
+
+def true_label_confidence(model: nn.Module, images: ImageSet, idx: Tensor,
+                          batch_size: int = 1024) -> np.ndarray:
+    """Softmax probability of the true label, one number per sample (evaluation mode)."""
+    logits, y = _logits(model, images, idx, batch_size)
+    probs = logits.softmax(dim=1)
+    return probs.gather(1, y[:, None]).squeeze(1).double().numpy()
+
+
+def svc_mia_efficacy(members: np.ndarray, non_members: np.ndarray, targets: np.ndarray) -> float:
+    """Percent of ``targets`` that an RBF SVC, fit on members (label 1) versus non-members
+    (label 0), calls non-members. Each input holds one feature per sample.
+
+    This is SalUn's ``SVC_fit_predict`` with ``target_train=None``: ``SVC(C=3, gamma="auto",
+    kernel="rbf")``.
+    """
+    from sklearn.svm import SVC
+
+    members = np.asarray(members, dtype=np.float64).reshape(len(members), -1)
+    non_members = np.asarray(non_members, dtype=np.float64).reshape(len(non_members), -1)
+    targets = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+    if len(members) == 0 or len(non_members) == 0 or len(targets) == 0:
+        raise ValueError("MIA needs at least one member, one non-member and one target sample")
+    x = np.concatenate([members, non_members])
+    y = np.concatenate([np.ones(len(members)), np.zeros(len(non_members))])
+    clf = SVC(C=3, gamma="auto", kernel="rbf")
+    clf.fit(x, y)
+    return 100.0 * float(1.0 - clf.predict(targets).mean())
+
+
+def mia_efficacy(model: nn.Module, split: UnlearningSplit, batch_size: int = 1024) -> float:
+    """MIA-efficacy on the forget set, the SalUn recipe (DESIGN §6).
+
+    Members are the first N retain samples, N = the test-set size (all of them if the retain set
+    is smaller); non-members are the test set; the feature is the true-label softmax probability.
+    """
+    n = len(split.test_idx)
+    members = true_label_confidence(model, split.data.train, split.retain_idx[:n], batch_size)
+    non_members = true_label_confidence(model, split.data.test, split.test_idx, batch_size)
+    targets = true_label_confidence(model, split.data.train, split.forget_idx, batch_size)
+    return svc_mia_efficacy(members, non_members, targets)
+
+
+def evaluate(model: nn.Module, split: UnlearningSplit, batch_size: int = 1024) -> Metrics:
+    """FA, RA, TA and MIA-efficacy of ``model`` on ``split``."""
+    train, test = split.data.train, split.data.test
+    return Metrics(
+        FA=accuracy(model, train, split.forget_idx, batch_size),
+        RA=accuracy(model, train, split.retain_idx, batch_size),
+        TA=accuracy(model, test, split.test_idx, batch_size),
+        MIA=mia_efficacy(model, split, batch_size),
+    )
+
+
+def avg_gap(metrics: Metrics | Mapping[str, float], retrain: Metrics | Mapping[str, float]) -> float:
+    """Mean absolute difference to the retrained model over FA, RA, TA and MIA ("Avg. Gap")."""
+    a = metrics.as_dict() if isinstance(metrics, Metrics) else metrics
+    b = retrain.as_dict() if isinstance(retrain, Metrics) else retrain
+    return float(np.mean([abs(a[k] - b[k]) for k in GAP_METRICS]))

@@ -177,7 +177,13 @@ class VmapEngine:
     def _chunk(self, params: Sequence[Tensor], n: int) -> int:
         if self.chunk_size is not None:
             return min(self.chunk_size, n)
-        per_sample = sum(p.numel() * p.element_size() for p in params)
+        per_sample = sum(p.numel() * _acc_dtype(p.dtype).itemsize for p in params)
+        if per_sample > self.memory_budget:
+            raise MemoryError(
+                f"one sample's gradients need {per_sample / 2**20:.1f} MiB but memory_budget is "
+                f"{self.memory_budget / 2**20:.1f} MiB; raise memory_budget or use an engine that does "
+                "not materialise per-sample gradients"
+            )
         return max(1, min(n, self.memory_budget // max(per_sample, 1)))
 
     def __call__(

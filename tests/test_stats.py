@@ -180,3 +180,9 @@ def test_unsupported_operation_clear_error():
         per_sample_grad_stats(model, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_memory_budget_too_small_is_a_clear_error():
+    model = nn.Linear(100, 10)
+    with pytest.raises(MemoryError, match="memory_budget"):
+        VmapEngine(memory_budget=1000)(model, list(model.parameters()), (torch.randn(3, 100), torch.zeros(3, dtype=torch.long)))

@@ -83,15 +83,20 @@ def accuracy(model: nn.Module, images: ImageSet, idx: Tensor, batch_size: int = 
     logits, y = _logits(model, images, idx, batch_size)
     if len(y) == 0:
         return float("nan")
-    return 100.0 * float((logits.argmax(1) == y).float().mean())
+    # A diverged model (non-finite logits) gets no credit, whatever argmax makes of NaN.
+    correct = (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
+    return 100.0 * float(correct.float().mean())
 
 
 def true_label_confidence(model: nn.Module, images: ImageSet, idx: Tensor,
                           batch_size: int = 1024) -> np.ndarray:
-    """Softmax probability of the true label, one number per sample (evaluation mode)."""
+    """Softmax probability of the true label, one number per sample (evaluation mode).
+
+    Samples with non-finite logits (a diverged model) get probability 0.
+    """
     logits, y = _logits(model, images, idx, batch_size)
-    probs = logits.softmax(dim=1)
-    return probs.gather(1, y[:, None]).squeeze(1).double().numpy()
+    probs = logits.softmax(dim=1).gather(1, y[:, None]).squeeze(1)
+    return torch.nan_to_num(probs, nan=0.0).double().numpy()
 
 
 def svc_mia_efficacy(members: np.ndarray, non_members: np.ndarray, targets: np.ndarray) -> float:

@@ -99,6 +99,7 @@ class RunResult:
     skipped_steps: int
     trace: list[dict[str, float]] = field(default_factory=list)
     kept: list[float] = field(default_factory=list)
+    diverged: bool = False
 
 
 def run_unlearning(model: nn.Module, method: UnlearningMethod, split: UnlearningSplit, *,
@@ -174,12 +175,12 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
             if track_every and (step % track_every == 0 or step == total):
                 t = time.perf_counter()
                 track(step)
-                model.train()
                 untimed += time.perf_counter() - t
     bar.close()
     runtime = time.perf_counter() - start - untimed
     model.train(was_training)
+    diverged = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
     metrics = evaluate(model, split) if evaluate_at_end else None
     return RunResult(metrics=metrics, runtime_s=runtime, steps=step,
                      kept_fraction=sum(kept) / len(kept) if kept else 1.0,
-                     skipped_steps=skipped, trace=trace, kept=kept)
+                     skipped_steps=skipped, trace=trace, kept=kept, diverged=diverged)

@@ -7,6 +7,7 @@ chosen confidence, aligned with both the forget and the retain gradient.
 
 from .mask import Constraint, feasibility_mask, feasibility_masks, normal_quantile, quantile, soft_mask, \
     student_t_quantile, z_scores
+from .hooks import HookEngine
 from .optim import (
     ProbablyAlignedAdam,
     ProbablyAlignedAdamW,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Constraint",
     "GradStats",
+    "HookEngine",
     "ProbablyAlignedAdam",
     "ProbablyAlignedAdamW",
     "ProbablyAlignedOptimizer",

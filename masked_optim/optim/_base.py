@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..mask import Constraint, feasibility_mask, feasibility_masks, quantile
+from ..hooks import HookEngine
 from ..stats import Batch, GradStats, StatsEngine, VmapEngine, validate_batch
 
 __all__ = ["StepDiagnostics", "ProbablyAlignedOptimizer"]
@@ -128,7 +129,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         quantile: str,
         soft: bool,
         chunk_size: int | None,
-        engine: StatsEngine | None,
+        engine: StatsEngine | str | None,
         forget_weight: float,
         retain_weight: float,
     ) -> None:
@@ -148,7 +149,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         )
         self.model = model
         self.loss_fn = loss_fn
-        self.engine: StatsEngine = engine if engine is not None else VmapEngine(chunk_size)
+        self.engine: StatsEngine = _make_engine(engine, chunk_size)
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)
         self._model_param_ids = {id(p) for p in model.parameters()}
@@ -365,6 +366,18 @@ class ProbablyAlignedOptimizer(Optimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], mask: _GroupMask | None
     ) -> list[Tensor]:
         raise NotImplementedError
+
+
+def _make_engine(engine: StatsEngine | str | None, chunk_size: int | None) -> StatsEngine:
+    if engine is None or engine == "auto":
+        return HookEngine(fallback=VmapEngine(chunk_size), chunk_size=chunk_size)
+    if engine == "hooks":
+        return HookEngine(fallback=None, chunk_size=chunk_size)
+    if engine == "vmap":
+        return VmapEngine(chunk_size)
+    if isinstance(engine, str) or not callable(engine):
+        raise ValueError(f"engine must be 'auto', 'hooks', 'vmap' or a StatsEngine, got {engine!r}")
+    return engine
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

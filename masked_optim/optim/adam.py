@@ -47,7 +47,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         quantile: str = "normal",
         soft: bool = False,
         chunk_size: int | None = None,
-        engine: StatsEngine | None = None,
+        engine: StatsEngine | str | None = None,
         forget_weight: float = 1.0,
         retain_weight: float = 1.0,
         maximize: bool = False,

@@ -30,8 +30,11 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         forget_confidence, retain_confidence: override ``confidence`` for one test.
         quantile: ``"normal"`` (default) or ``"t"`` (Student-t, ``n − 1`` degrees of freedom).
         soft: weight coordinates by ``Φ(z_r − q_r)·Φ(z_f − q_f)`` instead of 0/1.
-        chunk_size: samples per vmap chunk of the reference engine (``None``: memory-bounded auto).
-        engine: a custom statistics engine (see :class:`masked_optim.stats.StatsEngine`).
+        chunk_size: samples per chunk of the statistics engine (``None``: whole batch for the hook
+            engine, memory-bounded for the vmap engine).
+        engine: ``"auto"`` (default: :class:`~masked_optim.HookEngine` for supported layers, the vmap
+            reference for the rest), ``"hooks"`` (hooks only; error on unsupported layers), ``"vmap"``
+            (the reference for everything) or a custom :class:`~masked_optim.StatsEngine`.
         forget_weight, retain_weight: weights of the default direction
             ``retain_weight·μ_r − forget_weight·μ_f`` used when no parameter has a gradient.
     """
@@ -53,7 +56,7 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         quantile: str = "normal",
         soft: bool = False,
         chunk_size: int | None = None,
-        engine: StatsEngine | None = None,
+        engine: StatsEngine | str | None = None,
         forget_weight: float = 1.0,
         retain_weight: float = 1.0,
         maximize: bool = False,

@@ -1,0 +1,173 @@
+"""HookEngine (no per-sample gradients of the whole model) against the vmap reference and a loop."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from masked_optim import HookEngine, ProbablyAlignedSGD, VmapEngine
+from masked_optim.hooks import supports
+
+from .helpers import loop_moments
+
+
+class SeqModel(nn.Module):
+    """Embedding (padding_idx, repeated tokens), Linear/LayerNorm over a sequence dim, Conv1d."""
+
+    def __init__(self, groups=1, ln_bias=True):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, padding_idx=0)
+        self.lin = nn.Linear(4, 6)
+        self.ln = nn.LayerNorm(6, bias=ln_bias)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1, stride=2, groups=groups)
+        self.head = nn.Linear(6, 3, bias=False)
+
+    def forward(self, tokens):
+        h = self.ln(self.lin(self.emb(tokens)))
+        h = torch.relu_(self.conv(h.transpose(1, 2)))
+        return self.head(h.mean(2))
+
+
+class Scaled(nn.Module):
+    """A module the hooks do not know: its parameter goes to the fallback."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class Twice(nn.Module):
+    """A Linear called twice: per-sample gradients add across calls, so it must fall back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.out(self.emb(t).mean(1))
+
+
+def _cases():
+    yield "mlp", lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)), lambda n: torch.randn(n, 6), 3
+    yield "conv2d", lambda: nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.GroupNorm(3, 6), nn.ReLU(inplace=True),
+        nn.Conv2d(6, 4, (3, 2), dilation=(2, 1), padding="valid"), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3),
+    ), lambda n: torch.randn(n, 4, 9, 9), 3
+    yield "conv_nobias", lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False, padding=(1, 2)), nn.BatchNorm2d(4, affine=True), nn.ReLU(), nn.Flatten(),
+        nn.LazyLinear(3),
+    ), lambda n: torch.randn(n, 3, 5, 5), 3
+    yield "seq", lambda: SeqModel(), lambda n: torch.randint(0, 9, (n, 7)), 3
+    yield "seq_groups", lambda: SeqModel(groups=3, ln_bias=False), lambda n: torch.randint(0, 9, (n, 6)), 3
+    yield "bn1d", lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)), lambda n: torch.randn(n, 5), 3
+    yield "mixed", lambda: nn.Sequential(nn.Linear(5, 6), Scaled(6), nn.PReLU(), nn.Linear(6, 3)), lambda n: torch.randn(n, 5), 3
+    yield "twice", lambda: Twice(), lambda n: torch.randn(n, 5), 3
+    yield "tied", lambda: Tied(), lambda n: torch.randint(0, 7, (n, 3)), 7
+
+
+CASES = {name: (mk, data, k) for name, mk, data, k in _cases()}
+
+
+def _setup(name, n=10, seed=0):
+    mk, data, k = CASES[name]
+    torch.manual_seed(seed)
+    model = mk()
+    x = data(n)
+    model.train()
+    for _ in range(2):  # lazy modules and non-trivial BatchNorm running statistics
+        model(data(16))
+    y = torch.randint(0, k, (n,))
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_hooks_equal_vmap_and_loop(name, chunk):
+    model, x, y = _setup(name)
+    params = list(model.parameters())
+    fast = HookEngine(chunk_size=chunk)(model, params, (x, y))
+    ref = VmapEngine()(model, params, (x, y))
+    _, lm, lq = loop_moments(model, params, x, y)
+    for i, p in enumerate(params):
+        torch.testing.assert_close(fast.mean[i], ref.mean[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fast.m2[i], ref.m2[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fast.m2[i].double(), lq[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fast.mean[i].double(), lm[i], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast.loss, ref.loss)
+
+
+def test_supported_layer_set():
+    assert supports(nn.Linear(2, 2)) and supports(nn.Conv2d(1, 1, 3, padding="valid"))
+    assert not supports(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
+    assert not supports(nn.Conv2d(1, 1, 3, padding="same"))
+    assert not supports(nn.Embedding(3, 2, max_norm=1.0))
+    assert not supports(nn.BatchNorm1d(3, track_running_stats=False))
+    assert not supports(nn.PReLU())
+
+    class MyLinear(nn.Linear):  # may compute something else: never assumed
+        pass
+
+    assert not supports(MyLinear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["mixed", "twice", "tied"])
+def test_strict_mode_refuses_unsupported(name):
+    model, x, y = _setup(name)
+    with pytest.raises(ValueError, match="does not support"):
+        HookEngine(fallback=None)(model, list(model.parameters()), (x, y))
+
+
+def test_hooks_removed_and_state_unchanged_even_on_error():
+    model, x, y = _setup("conv2d")
+    model.train()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    HookEngine()(model, list(model.parameters()), (x, y))
+    with pytest.raises(RuntimeError):
+        HookEngine()(model, list(model.parameters()), (torch.randn(4, 5, 9, 9), torch.zeros(4, dtype=torch.long)))
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks
+        assert m.training
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_custom_loss_fn_per_sample():
+    model, x, y = _setup("mlp")
+    target = torch.randn(len(y), 3)
+    params = list(model.parameters())
+    fast = HookEngine()(model, params, (x, target), F.mse_loss)
+    _, lm, lq = loop_moments(model, params, x, target, F.mse_loss)
+    for i in range(len(params)):
+        torch.testing.assert_close(fast.m2[i].double(), lq[i], rtol=1e-4, atol=1e-6)
+
+
+def test_optimizer_engines_agree():
+    results = []
+    for engine in ("auto", "hooks", "vmap"):
+        model, x, y = _setup("conv2d")
+        opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, model=model, confidence=0.6, engine=engine)
+        for s in range(3):
+            opt.step(forget=(x[:5], y[:5]), retain=(x[5:], y[5:]))
+        results.append(([p.detach().clone() for p in model.parameters()], opt.diagnostics.kept_fraction))
+    for params, kept in results[1:]:
+        assert kept == pytest.approx(results[0][1], abs=2e-3)
+        for p, q in zip(params, results[0][0]):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="engine"):
+        ProbablyAlignedSGD(nn.Linear(2, 2).parameters(), lr=0.1, model=nn.Linear(2, 2), engine="fast")

@@ -265,20 +265,25 @@ class HookEngine:
             for h in handles:
                 h.remove()
         again = {i for t in taps if t.calls > 1 for i in t.owned.values()}
-        means = [torch.zeros_like(p, dtype=dt) for p, dt in zip(params, dtypes)]
-        m2s = [torch.zeros_like(p, dtype=dt) for p, dt in zip(params, dtypes)]
+        means: list[Tensor | None] = [None] * len(params)
+        m2s: list[Tensor | None] = [None] * len(params)
         for i, s in zip(hooked_idx, sums):
-            if s is None or i in again:
+            if s is None or i in again or sumsq[i] is None:
                 continue
             s = s.to(dtypes[i])
             means[i] = s / n
-            if sumsq[i] is not None:
-                # M2 = Σg² − (Σg)²/n; clamp the float rounding of a (near-)constant coordinate
-                m2s[i] = (sumsq[i] - s * s / n).clamp_min_(0)
-        return means, m2s, losses.detach().float().mean(), again
+            # M2 = Σg² − (Σg)²/n; clamp the float rounding of a (near-)constant coordinate
+            m2s[i] = sumsq[i].addcmul_(s, s, value=-1.0 / n).clamp_min_(0)
+        for i, p in enumerate(params):
+            if means[i] is None:  # unused here, or left to the fallback
+                means[i] = torch.zeros_like(p, dtype=dtypes[i])
+                m2s[i] = torch.zeros_like(p, dtype=dtypes[i])
+        return means, m2s, losses.detach().float().mean(), again  # type: ignore[return-value]
 
 
 def _per_sample_losses(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:
+    if loss_fn is F.cross_entropy:  # the default: skip vmap's overhead
+        return F.cross_entropy(out, y, reduction="none")
     def one(o: Tensor, t: Tensor) -> Tensor:
         return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
 

@@ -330,11 +330,15 @@ class ProbablyAlignedOptimizer(Optimizer):
     ) -> dict[int, Tensor]:
         out = {}
         for i, p in enumerate(params):
-            g = torch.zeros_like(p)
-            if stats_r is not None and self.retain_weight:
-                g.add_(stats_r.mean[i].to(p.dtype), alpha=self.retain_weight)
-            if stats_f is not None and self.forget_weight:
-                g.sub_(stats_f.mean[i].to(p.dtype), alpha=self.forget_weight)
+            r = stats_r.mean[i].to(p.dtype) if stats_r is not None else None
+            f = stats_f.mean[i].to(p.dtype) if stats_f is not None else None
+            if r is not None and f is not None:
+                g = r * self.retain_weight if self.retain_weight != 1 else r.clone()
+                g.sub_(f, alpha=self.forget_weight)
+            elif r is not None:
+                g = r * self.retain_weight
+            else:
+                g = f * -self.forget_weight  # type: ignore[operator]
             out[id(p)] = g
         return out
 
@@ -388,8 +392,9 @@ def _all_finite(tensors: list[Tensor]) -> bool:
             continue
         by_device.setdefault(t.device, []).append(t)
     for ts in by_device.values():
-        norms = torch._foreach_norm(ts, float("inf"))
-        if not bool(torch.stack(norms).isfinite().all()):
+        # NaN and ±Inf survive a sum; finite values would need |x| > 1e38 to overflow it
+        sums = torch.stack([t.sum(dtype=torch.float32 if t.dtype != torch.float64 else None) for t in ts])
+        if not bool(sums.isfinite().all()):
             return False
     return True
 

@@ -7,8 +7,10 @@ chosen confidence, aligned with both the forget and the retain gradient.
 
 from .mask import Constraint, feasibility_mask, feasibility_masks, normal_quantile, quantile, soft_mask, \
     student_t_quantile, z_scores
+from .certify import directional_derivatives, one_sided_test
 from .hooks import HookEngine
 from .optim import (
+    Certificate,
     ProbablyAlignedAdam,
     ProbablyAlignedAdamW,
     ProbablyAlignedOptimizer,
@@ -20,6 +22,7 @@ from .stats import GradStats, StatsEngine, VmapEngine, chan_merge, per_sample_gr
 __version__ = "0.1.0"
 
 __all__ = [
+    "Certificate",
     "Constraint",
     "GradStats",
     "HookEngine",
@@ -31,9 +34,11 @@ __all__ = [
     "StepDiagnostics",
     "VmapEngine",
     "chan_merge",
+    "directional_derivatives",
     "feasibility_mask",
     "feasibility_masks",
     "normal_quantile",
+    "one_sided_test",
     "per_sample_grad_stats",
     "quantile",
     "soft_mask",

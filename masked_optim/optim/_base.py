@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,10 +14,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..mask import Constraint, feasibility_mask, feasibility_masks, quantile
+from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
 from ..stats import Batch, GradStats, StatsEngine, VmapEngine, validate_batch
 
-__all__ = ["StepDiagnostics", "ProbablyAlignedOptimizer"]
+__all__ = ["Certificate", "StepDiagnostics", "ProbablyAlignedOptimizer"]
 
 _MASK_DEFAULTS = ("confidence", "forget_confidence", "retain_confidence", "quantile", "soft")
 
@@ -38,6 +41,25 @@ class StepDiagnostics:
     n_retain: int
     forget_loss: float | None
     retain_loss: float | None
+    certificate: Certificate | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """Outcome of the whole-update test of one step (``certify=c``).
+
+    ``action``: ``"accepted"`` (the step passed as masked), ``"tightened"`` (thresholds raised by
+    ``delta`` until it passed), ``"emptied"`` (nothing passed within ``certify_tries``: no coordinate
+    moved), ``"skipped"`` (policy "skip": the step and its state update were undone).  ``retain_stat``
+    and ``forget_stat`` are the t-statistics of the directional derivatives (``None``: not tested).
+    """
+
+    action: str
+    tries: int
+    delta: float
+    retain_stat: float | None
+    forget_stat: float | None
+    confidence: float
 
 
 @dataclasses.dataclass
@@ -52,6 +74,7 @@ class _RawDiagnostics:
     n_retain: int
     forget_loss: Tensor | None
     retain_loss: Tensor | None
+    certificate: Certificate | None = None
 
     def materialise(self) -> StepDiagnostics:
         per_group = []
@@ -75,16 +98,44 @@ class _RawDiagnostics:
             n_retain=self.n_retain,
             forget_loss=None if self.forget_loss is None else float(self.forget_loss),
             retain_loss=None if self.retain_loss is None else float(self.retain_loss),
+            certificate=self.certificate,
         )
 
 
 class _GroupMask:
-    """Per-group mask inputs; ``None`` entries mean "this constraint is not tested"."""
+    """Per-group mask inputs (``None``: that constraint is not tested). The update functionals hand
+    it ``u`` and it applies ``θ ← θ − lr·m⊙u``, recording the kept counts; when ``defer`` is set it
+    only records ``u`` so that the whole step can be certified before anything moves."""
 
     def __init__(
-        self, forget: list[Constraint] | None, retain: list[Constraint] | None, soft: bool
+        self, forget: list[Constraint] | None, retain: list[Constraint] | None, soft: bool, defer: bool = False
     ) -> None:
-        self.forget, self.retain, self.soft = forget, retain, soft
+        self.forget, self.retain, self.soft, self.defer = forget, retain, soft, defer
+        self.kept: list[Tensor] = []
+        self.pending: list[tuple[int, Tensor, Tensor, float]] = []
+
+    def shifted(self, delta: float) -> _GroupMask:
+        """The same tests with every threshold raised by ``delta``."""
+        def shift(cons: list[Constraint] | None) -> list[Constraint] | None:
+            return None if cons is None else [dataclasses.replace(c, q=c.q + delta) for c in cons]
+
+        return _GroupMask(shift(self.forget), shift(self.retain), self.soft)
+
+    def apply_single(self, i: int, param: Tensor, u: Tensor, lr: float) -> None:
+        if self.defer:
+            self.pending.append((i, param, u.clone(), lr))
+            return
+        m = self.single(i, u)
+        param.addcmul_(u, m, value=-lr)
+        self.kept.append(m.sum())
+
+    def apply_many(self, idx: Sequence[int], params: list[Tensor], us: list[Tensor], lr: float) -> None:
+        if self.defer:
+            self.pending.extend((i, p, u.clone(), lr) for i, p, u in zip(idx, params, us))
+            return
+        masks = self.many(idx, us)
+        torch._foreach_addcmul_(params, us, masks, value=-lr)
+        self.kept.extend(torch._foreach_norm(masks, 1))
 
     def single(self, i: int, u: Tensor) -> Tensor:
         return feasibility_mask(
@@ -112,9 +163,9 @@ def _validate_confidence(value: Any, name: str) -> None:
 
 class ProbablyAlignedOptimizer(Optimizer):
     """Base class: subclasses implement ``_update_group(group, params, grads, mask)``, which advances
-    the base optimizer's state exactly as torch.optim would and applies ``θ ← θ − lr · m ⊙ u`` (``m``
-    from ``mask.single``/``mask.many``, or no mask when ``mask`` is ``None``), and returns the kept
-    count tensors it produced."""
+    the base optimizer's state exactly as torch.optim would and hands each final update ``u`` to
+    ``mask.apply_single``/``mask.apply_many`` (or applies ``θ ← θ − lr·u`` itself when ``mask`` is
+    ``None``)."""
 
     def __init__(
         self,
@@ -132,6 +183,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         engine: StatsEngine | str | None,
         forget_weight: float,
         retain_weight: float,
+        certify: float | None = None,
+        certify_policy: str = "tighten",
+        certify_tries: int = 8,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -150,6 +204,12 @@ class ProbablyAlignedOptimizer(Optimizer):
         self.model = model
         self.loss_fn = loss_fn
         self.engine: StatsEngine = _make_engine(engine, chunk_size)
+        _validate_confidence(certify, "certify")
+        if certify_policy not in ("tighten", "skip"):
+            raise ValueError(f"certify_policy must be 'tighten' or 'skip', got {certify_policy!r}")
+        if not isinstance(certify_tries, int) or certify_tries < 1:
+            raise ValueError(f"certify_tries must be a positive int, got {certify_tries!r}")
+        self.certify, self.certify_policy, self.certify_tries = certify, certify_policy, certify_tries
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)
         self._model_param_ids = {id(p) for p in model.parameters()}
@@ -214,6 +274,8 @@ class ProbablyAlignedOptimizer(Optimizer):
         *,
         forget: Batch | None = None,
         retain: Batch | None = None,
+        check_forget: Batch | None = None,
+        check_retain: Batch | None = None,
     ) -> Any:
         """Masked optimisation step.
 
@@ -222,6 +284,8 @@ class ProbablyAlignedOptimizer(Optimizer):
                 direction).
             forget: ``(inputs, targets)`` of the forget set, with the true labels.
             retain: ``(inputs, targets)`` of the retain set.
+            check_forget, check_retain: independent batches for the whole-update test (``certify``);
+                by default the test reuses ``forget``/``retain``, which is optimistic.
         """
         loss = None
         if closure is not None:
@@ -235,6 +299,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         # ---- validation: nothing below mutates anything until all checks have passed ----
         n_f = validate_batch(forget, "forget")[2] if forget is not None else 0
         n_r = validate_batch(retain, "retain")[2] if retain is not None else 0
+        for name, b in (("check_forget", check_forget), ("check_retain", check_retain)):
+            if b is not None and validate_batch(b, name)[2] < 2 and self.certify is not None:
+                raise ValueError(f"{name} needs at least 2 samples for the whole-update test")
         has_grad = False
         for group in self.param_groups:
             for p in group["params"]:
@@ -293,8 +360,8 @@ class ProbablyAlignedOptimizer(Optimizer):
             )
             return loss
 
-        kept: list[Tensor | None] = []
-        total: list[int] = []
+        certify = self.certify is not None and (test_f or test_r)
+        work = []
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
@@ -302,15 +369,103 @@ class ProbablyAlignedOptimizer(Optimizer):
                 if g is not None:
                     params.append(p)
                     grads.append(g)
-            mask = self._group_mask(group, params, index, stats_f, stats_r, test_f, test_r)
-            counts = self._update_group(group, params, grads, mask)
-            total.append(sum(p.numel() for p in params))
-            kept.append(torch.stack([c.to(torch.float64) for c in counts]).sum() if counts else None)
+            work.append((group, params, grads, self._group_mask(group, params, index, stats_f, stats_r, test_f, test_r)))
+        snapshot = self._snapshot_state(work) if certify and self.certify_policy == "skip" else None
+        for group, params, grads, mask in work:
+            if mask is not None:
+                mask.defer = certify
+            self._update_group(group, params, grads, mask)
+        report = None
+        if certify:
+            report = self._certify(
+                [w[3] for w in work],
+                check_forget if check_forget is not None else (forget if test_f else None),
+                check_retain if check_retain is not None else (retain if test_r else None),
+            )
+            if report.action == "skipped":
+                self._restore_state(snapshot)
+        kept = [
+            None if m is None else (torch.stack([c.to(torch.float64) for c in m.kept]).sum() if m.kept else torch.zeros((), dtype=torch.float64))
+            for _, _, _, m in work
+        ]
+        total = [sum(p.numel() for p in params) for _, params, _, _ in work]
+        skipped = report is not None and report.action == "skipped"
         self._raw_diag = _RawDiagnostics(
-            False, None, direction, kept, total, n_f, n_r,
-            None if stats_f is None else stats_f.loss, None if stats_r is None else stats_r.loss,
+            skipped, "whole-update test failed" if skipped else None, direction, kept, total, n_f, n_r,
+            None if stats_f is None else stats_f.loss, None if stats_r is None else stats_r.loss, report,
         )
         return loss
+
+    # -- whole-update certification ----------------------------------------------------------------
+    def _certify(
+        self, masks: list[_GroupMask | None], check_forget: Batch | None, check_retain: Batch | None
+    ) -> Certificate:
+        """Pick the smallest threshold shift whose masked step passes the whole-update tests, apply
+        it (or nothing, for the "skip" policy) and report."""
+        pending = [(gm, item) for gm in masks if gm is not None for item in gm.pending]
+        params = [p for _, (_, p, _, _) in pending]
+
+        def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor]]:
+            ms = [
+                torch.zeros_like(u) if math.isinf(delta) else gm.shifted(delta).single(i, u)
+                for gm, (i, _, u, _) in pending
+            ]
+            tangents = [m * u for m, (_, (_, _, u, _)) in zip(ms, pending)]
+            ok, t_r, t_f = True, None, None
+            if check_retain is not None:  # ⟨m⊙u, g_r⟩ ≥ 0: the step does not raise the retain loss
+                passed, t_r = one_sided_test(
+                    directional_derivatives(self.model, params, tangents, check_retain, self.loss_fn), self.certify
+                )
+                ok &= passed
+            if check_forget is not None and ok:  # ⟨m⊙u, g_f⟩ ≤ 0: the step raises the forget loss
+                passed, t_f = one_sided_test(
+                    -directional_derivatives(self.model, params, tangents, check_forget, self.loss_fn), self.certify
+                )
+                ok &= passed
+            return ok, t_r, t_f, ms
+
+        tries = 1
+        ok, t_r, t_f, ms = evaluate(0.0)
+        delta, action = 0.0, "accepted"
+        if not ok and self.certify_policy == "skip":
+            return Certificate("skipped", tries, 0.0, t_r, t_f, self.certify)
+        if not ok:
+            # grow the shift until a step passes, then bisect between the last failure and it
+            lo, hi, best = 0.0, None, None
+            step = 0.5
+            while tries < self.certify_tries:
+                mid = step if hi is None else 0.5 * (lo + hi)
+                tries += 1
+                res = evaluate(mid)
+                if res[0]:
+                    hi, best = mid, res
+                else:
+                    lo = mid
+                    step *= 2.0
+            if best is None:  # nothing passed in the budget: the empty step is trivially safe
+                delta, action, ms, t_r, t_f = math.inf, "emptied", [torch.zeros_like(u) for _, (_, _, u, _) in pending], None, None
+            else:
+                delta, action = hi, "tightened"
+                _, t_r, t_f, ms = best
+        for (gm, (_, p, u, lr)), m in zip(pending, ms):
+            p.addcmul_(u, m, value=-lr)
+            gm.kept.append(m.sum())
+        return Certificate(action, tries, delta, t_r, t_f, self.certify)
+
+    def _snapshot_state(self, work: list) -> dict[int, tuple[Tensor, dict[str, Any]]]:
+        snap = {}
+        for _, params, _, _ in work:
+            for p in params:
+                st = self.state.get(p, {})
+                snap[id(p)] = (p, {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in st.items()})
+        return snap
+
+    def _restore_state(self, snap: dict[int, tuple[Tensor, dict[str, Any]]] | None) -> None:
+        for p, st in (snap or {}).values():
+            if st:
+                self.state[p] = st
+            else:
+                self.state.pop(p, None)
 
     # -- internals ---------------------------------------------------------------------------------
     def _stat_params(self) -> list[Tensor]:

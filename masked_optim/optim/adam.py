@@ -26,7 +26,8 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as torch.optim.Adam.
         decoupled_weight_decay: AdamW's decoupled decay.
         model, loss_fn, confidence, forget_confidence, retain_confidence, quantile, soft, chunk_size,
-        engine, forget_weight, retain_weight: see :class:`~masked_optim.ProbablyAlignedSGD`.
+        engine, forget_weight, retain_weight, certify, certify_policy, certify_tries: see
+        :class:`~masked_optim.ProbablyAlignedSGD`.
     """
 
     def __init__(
@@ -50,6 +51,9 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         engine: StatsEngine | str | None = None,
         forget_weight: float = 1.0,
         retain_weight: float = 1.0,
+        certify: float | None = None,
+        certify_policy: str = "tighten",
+        certify_tries: int = 8,
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
@@ -95,6 +99,9 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
             engine=engine,
             forget_weight=forget_weight,
             retain_weight=retain_weight,
+            certify=certify,
+            certify_policy=certify_policy,
+            certify_tries=certify_tries,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -135,13 +142,13 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], mask: _GroupMask | None
-    ) -> list[Tensor]:
+    ) -> None:
         for g in grads:
             if torch.is_complex(g):
                 raise ValueError(f"{type(self).__name__} does not support complex gradients")
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._init_group(group, params)
         beta1, beta2 = group["betas"]
-        return masked_adam(
+        masked_adam(
             params,
             grads,
             exp_avgs,
@@ -189,10 +196,10 @@ def masked_adam(
     maximize: bool,
     decoupled_weight_decay: bool,
     foreach: bool,
-) -> list[Tensor]:
-    """Functional masked Adam; returns the per-parameter kept counts (empty when unmasked)."""
+) -> None:
+    """Functional masked Adam: advances the moments; ``mask`` (if any) applies the update."""
     fn = _multi_tensor_masked_adam if foreach else _single_tensor_masked_adam
-    return fn(
+    fn(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, amsgrad=amsgrad,
         beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
@@ -216,8 +223,7 @@ def _single_tensor_masked_adam(
     eps: float,
     maximize: bool,
     decoupled_weight_decay: bool,
-) -> list[Tensor]:
-    kept = []
+) -> None:
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
@@ -247,10 +253,7 @@ def _single_tensor_masked_adam(
             u = torch.div(exp_avg, denom).div_(bias_correction1)
             if decay_param is not None:
                 u.add_(decay_param, alpha=weight_decay)
-            m = mask.single(i, u)
-            param.addcmul_(u, m, value=-lr)
-            kept.append(m.sum())
-    return kept
+            mask.apply_single(i, param, u, lr)
 
 
 def _multi_tensor_masked_adam(
@@ -270,10 +273,9 @@ def _multi_tensor_masked_adam(
     eps: float,
     maximize: bool,
     decoupled_weight_decay: bool,
-) -> list[Tensor]:
+) -> None:
     if not params:
-        return []
-    kept: list[Tensor] = []
+        return
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps],  # type: ignore[list-item]
         with_indices=True,
@@ -317,7 +319,4 @@ def _multi_tensor_masked_adam(
             torch._foreach_div_(us, bias_correction1)
             if decay_params is not None:
                 torch._foreach_add_(us, decay_params)
-            masks = mask.many(indices, us)
-            torch._foreach_addcmul_(dev_params, us, masks, value=-lr)
-            kept.extend(torch._foreach_norm(masks, 1))
-    return kept
+            mask.apply_many(indices, dev_params, us, lr)

@@ -37,6 +37,12 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
             (the reference for everything) or a custom :class:`~masked_optim.StatsEngine`.
         forget_weight, retain_weight: weights of the default direction
             ``retain_weight·μ_r − forget_weight·μ_f`` used when no parameter has a gradient.
+        certify: confidence of the whole-update test (:mod:`masked_optim.certify`): the masked step
+            must, by a one-sided test on per-sample directional derivatives, not raise the retain
+            loss and raise the forget loss. ``None`` (default) disables it.
+        certify_policy: when the test fails, ``"tighten"`` raises every threshold (doubling, then
+            bisection, at most ``certify_tries`` evaluations; an empty step if none passes) or
+            ``"skip"`` undoes the step, state included. ``diagnostics.certificate`` says which.
     """
 
     def __init__(
@@ -59,6 +65,9 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         engine: StatsEngine | str | None = None,
         forget_weight: float = 1.0,
         retain_weight: float = 1.0,
+        certify: float | None = None,
+        certify_policy: str = "tighten",
+        certify_tries: int = 8,
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,
@@ -97,6 +106,9 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
             engine=engine,
             forget_weight=forget_weight,
             retain_weight=retain_weight,
+            certify=certify,
+            certify_policy=certify_policy,
+            certify_tries=certify_tries,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -115,9 +127,9 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], mask: _GroupMask | None
-    ) -> list[Tensor]:
+    ) -> None:
         bufs = self._init_group(group, params)
-        kept = masked_sgd(
+        masked_sgd(
             params,
             grads,
             bufs,
@@ -133,7 +145,6 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
-        return kept
 
 
 def masked_sgd(
@@ -149,10 +160,10 @@ def masked_sgd(
     nesterov: bool,
     maximize: bool,
     foreach: bool,
-) -> list[Tensor]:
-    """Functional masked SGD; returns the per-parameter kept counts (empty when unmasked)."""
+) -> None:
+    """Functional masked SGD: advances the momentum buffers; ``mask`` (if any) applies the update."""
     fn = _multi_tensor_masked_sgd if foreach else _single_tensor_masked_sgd
-    return fn(
+    fn(
         params, grads, momentum_buffer_list, mask, lr=lr, weight_decay=weight_decay, momentum=momentum,
         dampening=dampening, nesterov=nesterov, maximize=maximize,
     )
@@ -170,8 +181,7 @@ def _single_tensor_masked_sgd(
     dampening: float,
     nesterov: bool,
     maximize: bool,
-) -> list[Tensor]:
-    kept = []
+) -> None:
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         if weight_decay != 0:
@@ -187,10 +197,7 @@ def _single_tensor_masked_sgd(
         if mask is None:
             param.add_(grad, alpha=-lr)
         else:
-            m = mask.single(i, grad)
-            param.addcmul_(grad, m, value=-lr)
-            kept.append(m.sum())
-    return kept
+            mask.apply_single(i, param, grad, lr)
 
 
 def _multi_tensor_masked_sgd(
@@ -205,10 +212,9 @@ def _multi_tensor_masked_sgd(
     dampening: float,
     nesterov: bool,
     maximize: bool,
-) -> list[Tensor]:
+) -> None:
     if not params:
-        return []
-    kept: list[Tensor] = []
+        return
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, momentum_buffer_list], with_indices=True  # type: ignore[list-item]
     )
@@ -238,7 +244,4 @@ def _multi_tensor_masked_sgd(
         if mask is None:
             torch._foreach_add_(dev_params, dev_grads, alpha=-lr)
         else:
-            masks = mask.many(indices, dev_grads)
-            torch._foreach_addcmul_(dev_params, dev_grads, masks, value=-lr)
-            kept.extend(torch._foreach_norm(masks, 1))
-    return kept
+            mask.apply_many(indices, dev_params, dev_grads, lr)

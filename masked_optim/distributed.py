@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .stats import Batch, GradStats, LossFn, StatsEngine, VmapEngine, validate_batch
+from .hooks import HookEngine
+from .stats import Batch, GradStats, LossFn, StatsEngine, VmapEngine, unwrap_model, validate_batch
 
 __all__ = [
     "DistributedEngine",
@@ -35,26 +36,20 @@ __all__ = [
 ]
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip ``DistributedDataParallel``/``DataParallel`` (``.module``) and ``torch.compile``
-    (``._orig_mod``) wrappers, in any nesting.
-
-    The wrappers share their parameters with the inner module, so statistics computed on the inner
-    module are those of the wrapped one.  Running ``torch.func`` through the wrappers is wrong or
-    harmful: DDP's forward issues collectives, and a compiled module called under ``vmap(grad)``
-    makes dynamo mark its frame as skipped (``Unsupported functorch tracing attempt``), which
-    silently turns *every* compiled module in the process back to eager.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    wrappers: tuple[type, ...] = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while True:
-        if isinstance(model, wrappers):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # torch._dynamo.eval_frame.OptimizedModule
-        else:
-            return model
+def _make_inner(inner: StatsEngine | str | None) -> StatsEngine:
+    # the same names as the optimizers' engine= argument
+    if inner is None or inner == "auto":
+        return HookEngine(fallback=VmapEngine())
+    if inner == "hooks":
+        return HookEngine(fallback=None)
+    if inner == "vmap":
+        return VmapEngine()
+    if isinstance(inner, str) or not callable(inner):
+        raise TypeError(
+            "inner must be 'auto', 'hooks', 'vmap' or a StatsEngine callable as "
+            f"inner(model, params, batch, loss_fn), got {inner!r}"
+        )
+    return inner
 
 
 def _require_group(group: Any) -> None:
@@ -96,7 +91,10 @@ def _local_size(batch: Batch) -> int:
     """Number of samples of a batch that may legitimately be empty on this rank."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, targets = batch
-        xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs) if isinstance(inputs, (tuple, list)) else ()
+        if isinstance(inputs, Tensor):
+            xs: tuple = (inputs,)
+        else:
+            xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else ()
         if (
             isinstance(targets, Tensor) and targets.dim() > 0 and targets.shape[0] == 0
             and xs and all(isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 0 for x in xs)
@@ -140,7 +138,8 @@ def all_reduce_grad_stats(stats: GradStats, group: Any = None, *, loss_sum: floa
     m2s = [q.to(_acc_dtype(q.dtype)) for q in stats.m2]
     dev = means[0].device if means else stats.loss.device
     if n_total is None or loss_sum is None:
-        head = torch.tensor([float(stats.n), float(stats.n) * float(stats.loss)], dtype=torch.float64, device=dev)
+        head = torch.tensor([float(stats.n), float(stats.n) * float(stats.loss)],
+                            dtype=torch.float64, device=dev)
         dist.all_reduce(head, group=group)
         n_total, loss_sum = int(head[0].item()), float(head[1].item())
     if n_total < 1:
@@ -161,9 +160,10 @@ class DistributedEngine:
     """A :class:`~masked_optim.stats.StatsEngine` that merges the statistics of every rank's shard.
 
     Args:
-        inner: the engine run on the local shard (default :class:`~masked_optim.VmapEngine` with its
-            memory-bounded chunking; pass ``VmapEngine(chunk_size=..., memory_budget=...)`` to tune it —
-            the optimizer's ``chunk_size`` only configures the engine it builds itself).
+        inner: the engine run on the local shard: ``"auto"`` (default, as the optimizers:
+            :class:`~masked_optim.HookEngine` with the vmap reference for unsupported layers),
+            ``"hooks"``, ``"vmap"`` or any StatsEngine, e.g. ``VmapEngine(memory_budget=...)``.  The
+            optimizer's ``chunk_size`` only configures the engine it builds itself, not this one.
         group: the process group (default: the world).
 
     Every rank must call the optimizer's ``step`` with the same kinds of batches (forget, retain or
@@ -178,15 +178,10 @@ class DistributedEngine:
     unwrapped (see :func:`unwrap_model`).
     """
 
-    def __init__(self, inner: StatsEngine | None = None, group: Any = None) -> None:
-        if inner is not None and not callable(inner):
-            raise TypeError(
-                f"inner must be a StatsEngine, callable as inner(model, params, batch, loss_fn), "
-                f"got {type(inner).__name__}"
-            )
+    def __init__(self, inner: StatsEngine | str | None = None, group: Any = None) -> None:
         if isinstance(inner, DistributedEngine):
             raise TypeError("inner is already a DistributedEngine: nesting would merge twice")
-        self.inner: StatsEngine = inner if inner is not None else VmapEngine()
+        self.inner: StatsEngine = _make_inner(inner)
         self.group = group
 
     def __repr__(self) -> str:
@@ -239,8 +234,8 @@ class DistributedEngine:
         if not (torch.all(table[:, 3] == table[0, 3]) and torch.all(table[:, 4] == table[0, 4])):
             raise ValueError(
                 "ranks disagree on the parameters whose statistics are merged "
-                f"(counts {table[:, 3].long().tolist()}, sizes {table[:, 4].long().tolist()}): every rank must "
-                "optimise the same model with the same param groups"
+                f"(counts {table[:, 3].long().tolist()}, sizes {table[:, 4].long().tolist()}): "
+                "every rank must optimise the same model with the same param groups"
             )
         assert local is not None
         n_total = int(table[:, 1].sum().item())
@@ -249,6 +244,27 @@ class DistributedEngine:
         return all_reduce_grad_stats(
             local, self.group, n_total=n_total, loss_sum=float(table[:, 2].sum().item())
         )
+
+    def gather_samples(self, values: Tensor) -> Tensor:
+        """Concatenate every rank's per-sample values (1-D, lengths may differ, even 0) in rank order.
+
+        Collective.  For per-sample quantities other than the gradient moments, e.g. the directional
+        derivatives of the whole-update test (``certify``), so that every rank tests the global batch
+        and takes the same decision.
+        """
+        _require_group(self.group)
+        if not isinstance(values, Tensor) or values.dim() != 1:
+            raise ValueError("gather_samples expects a 1-D tensor of per-sample values")
+        world = dist.get_world_size(self.group)
+        n = torch.tensor([values.numel()], dtype=torch.int64, device=values.device)
+        sizes = [torch.empty_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n, group=self.group)
+        counts = [int(c.item()) for c in sizes]
+        padded = values.new_zeros(max(counts))
+        padded[: values.numel()] = values
+        rows = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(rows, padded, group=self.group)
+        return torch.cat([r[:c] for r, c in zip(rows, counts)])
 
     def _local_stats(
         self, base: nn.Module, params: list[Tensor], batch: Batch, loss_fn: LossFn | None, n: int

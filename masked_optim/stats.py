@@ -32,6 +32,7 @@ __all__ = [
     "chunk_moments",
     "eval_behaviour",
     "per_sample_grad_stats",
+    "unwrap_model",
     "validate_batch",
 ]
 
@@ -142,6 +143,28 @@ def eval_behaviour(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip ``DistributedDataParallel``/``DataParallel`` (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers, in any nesting.
+
+    The wrappers share their parameters with the inner module, so statistics computed on the inner
+    module are those of the wrapped one.  Running ``torch.func`` through the wrappers is wrong or
+    harmful: DDP's forward issues collectives, and a compiled module called under ``vmap(grad)``
+    makes dynamo mark its frame as skipped (``Unsupported functorch tracing attempt``), which
+    silently turns *every* compiled module in the process back to eager.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    wrappers: tuple[type, ...] = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch._dynamo.eval_frame.OptimizedModule
+        else:
+            return model
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

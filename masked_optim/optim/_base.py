@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from ..mask import Constraint, feasibility_mask, feasibility_masks, quantile
 from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
-from ..stats import Batch, GradStats, StatsEngine, VmapEngine, validate_batch
+from ..stats import Batch, GradStats, StatsEngine, VmapEngine, unwrap_model, validate_batch
 
 __all__ = ["Certificate", "StepDiagnostics", "ProbablyAlignedOptimizer"]
 
@@ -311,15 +311,6 @@ class ProbablyAlignedOptimizer(Optimizer):
                         raise ValueError(f"{type(self).__name__} does not support sparse gradients")
         test_f = forget is not None and any(self._effective(g, "forget") is not None for g in self.param_groups)
         test_r = retain is not None and any(self._effective(g, "retain") is not None for g in self.param_groups)
-        for side, n, tested in (("forget", n_f, test_f), ("retain", n_r, test_r)):
-            if tested and n < 2:
-                for g in self.param_groups:
-                    c = self._effective(g, side)
-                    if c is not None and c != 0.5:
-                        raise ValueError(
-                            f"the {side} batch has {n} sample: a variance needs at least 2 "
-                            f"(or {side} confidence exactly 0.5, plain sign agreement)"
-                        )
         want_f = test_f or (not has_grad and forget is not None)
         want_r = test_r or (not has_grad and retain is not None)
         if (
@@ -339,6 +330,18 @@ class ProbablyAlignedOptimizer(Optimizer):
         stats_f = self._stats(stat_params, forget) if want_f else None
         stats_r = self._stats(stat_params, retain) if want_r else None
         index = {id(p): i for i, p in enumerate(stat_params)}
+        # checked on the statistics' n, which a distributed engine makes the global batch size
+        for side, stats, tested in (("forget", stats_f, test_f), ("retain", stats_r, test_r)):
+            if tested and stats is not None and stats.n < 2:
+                for g in self.param_groups:
+                    c = self._effective(g, side)
+                    if c is not None and c != 0.5:
+                        raise ValueError(
+                            f"the {side} batch has {stats.n} sample: a variance needs at least 2 "
+                            f"(or {side} confidence exactly 0.5, plain sign agreement)"
+                        )
+        n_f = stats_f.n if stats_f is not None else n_f
+        n_r = stats_r.n if stats_r is not None else n_r
 
         direction = "grad" if has_grad else ("stats" if (stats_f or stats_r) else "none")
         stat_grads: dict[int, Tensor] = {}
@@ -413,14 +416,10 @@ class ProbablyAlignedOptimizer(Optimizer):
             tangents = [m * u for m, (_, (_, _, u, _)) in zip(ms, pending)]
             ok, t_r, t_f = True, None, None
             if check_retain is not None:  # ⟨m⊙u, g_r⟩ ≥ 0: the step does not raise the retain loss
-                passed, t_r = one_sided_test(
-                    directional_derivatives(self.model, params, tangents, check_retain, self.loss_fn), self.certify
-                )
+                passed, t_r = one_sided_test(self._directional(params, tangents, check_retain), self.certify)
                 ok &= passed
             if check_forget is not None and ok:  # ⟨m⊙u, g_f⟩ ≤ 0: the step raises the forget loss
-                passed, t_f = one_sided_test(
-                    -directional_derivatives(self.model, params, tangents, check_forget, self.loss_fn), self.certify
-                )
+                passed, t_f = one_sided_test(-self._directional(params, tangents, check_forget), self.certify)
                 ok &= passed
             return ok, t_r, t_f, ms
 
@@ -477,8 +476,20 @@ class ProbablyAlignedOptimizer(Optimizer):
         return list(seen.values())
 
     def _stats(self, params: list[Tensor], batch: Batch) -> GradStats:
-        with torch.enable_grad():
-            return self.engine(self.model, params, batch, self.loss_fn)
+        # the engines need the bare module: DDP's forward syncs buffers, hooks on an already compiled
+        # module see nothing, and torch.func through it disables dynamo; the caller's autocast would
+        # lower the statistics' precision (DESIGN §4: float32 at least)
+        dev = params[0].device.type if params else "cpu"
+        with torch.enable_grad(), torch.autocast(dev, enabled=False):
+            return self.engine(unwrap_model(self.model), params, batch, self.loss_fn)
+
+    def _directional(self, params: list[Tensor], tangents: list[Tensor], batch: Batch) -> Tensor:
+        dev = params[0].device.type if params else "cpu"
+        with torch.autocast(dev, enabled=False):
+            d = directional_derivatives(unwrap_model(self.model), params, tangents, batch, self.loss_fn)
+        # a distributed engine gathers every rank's values: all ranks test the global batch
+        gather = getattr(self.engine, "gather_samples", None)
+        return gather(d) if gather is not None else d
 
     def _stats_direction(
         self, params: list[Tensor], stats_f: GradStats | None, stats_r: GradStats | None

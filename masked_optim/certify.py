@@ -14,6 +14,7 @@ Pass an independent check batch for an honest certificate.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from .hooks import _per_sample_losses
-from .mask import normal_quantile
+from .mask import quantile
 from .stats import Batch, LossFn, _param_names, eval_behaviour, validate_batch
 
 __all__ = ["directional_derivatives", "one_sided_test"]
@@ -51,13 +52,16 @@ def directional_derivatives(
     def losses(th: dict[str, Tensor]) -> Tensor:
         return _per_sample_losses(loss_fn, functional_call(model, th, xs), y)
 
-    with eval_behaviour(model), torch.no_grad():
+    with eval_behaviour(model), torch.no_grad(), warnings.catch_warnings():
+        # torch's forward-AD decompositions still script a helper on first use
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
         _, d = jvp(losses, (theta,), (tang,))
     return d.detach().to(torch.promote_types(d.dtype, torch.float32))
 
 
-def one_sided_test(d: Tensor, confidence: float) -> tuple[bool, float]:
-    """Accept when ``mean(d) − q(c)·std(d)/√n ≥ 0``; returns ``(accepted, t)`` with the statistic
+def one_sided_test(d: Tensor, confidence: float, kind: str = "normal") -> tuple[bool, float]:
+    """Accept when ``mean(d) − q(c)·std(d)/√n ≥ 0`` (``q``: normal, or Student-t with ``n − 1``
+    degrees of freedom for ``kind="t"``); returns ``(accepted, t)`` with the statistic
     ``t = mean/(std/√n)`` (``±inf`` when the standard error is 0 and the mean is not, 0 when all
     ``d`` are 0 — an empty step is trivially accepted)."""
     n = d.numel()
@@ -66,7 +70,7 @@ def one_sided_test(d: Tensor, confidence: float) -> tuple[bool, float]:
     d = d.double()
     mean = d.mean().item()
     se = d.std().item() / math.sqrt(n)
-    q = normal_quantile(confidence)
+    q = quantile(confidence, n, kind)
     if se == 0.0:
         t = 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
     else:

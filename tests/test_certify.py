@@ -14,6 +14,9 @@ from .helpers import loop_per_sample_grads
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
+# several tests certify on the mask's own batch on purpose (the policies, not the calibration)
+pytestmark = pytest.mark.filterwarnings("ignore:certify reuses the retain batch")
+
 
 def _models():
     torch.manual_seed(0)
@@ -130,6 +133,18 @@ def test_emptied_when_budget_exhausted():
     assert opt.diagnostics.certificate.action == "emptied"
     assert opt.diagnostics.kept_fraction == 0.0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
+def test_same_batch_certification_warns_once():
+    model, fb, rb = _problem()
+    opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, certify=0.9)
+    with pytest.warns(UserWarning, match="independent check_retain"):
+        opt.step(forget=fb, retain=rb)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(forget=fb, retain=rb)
 
 
 def test_certify_validation():

@@ -216,6 +216,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         self._staged: tuple[Batch | None, Batch | None] = (None, None)
         self._raw_diag: _RawDiagnostics | None = None
         self._warned_unmasked = False
+        self._warned_same_batch = False
         super().__init__(params, defaults)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -379,6 +380,13 @@ class ProbablyAlignedOptimizer(Optimizer):
                 mask.defer = certify
             self._update_group(group, params, grads, mask)
         report = None
+        if certify and test_r and check_retain is None and not self._warned_same_batch:
+            warnings.warn(
+                "certify reuses the retain batch the mask was chosen on, which certifies optimistically; "
+                "pass an independent check_retain batch for an honest whole-update test",
+                stacklevel=2,
+            )
+            self._warned_same_batch = True
         if certify:
             report = self._certify(
                 [w[3] for w in work],
@@ -406,6 +414,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         """Pick the smallest threshold shift whose masked step passes the whole-update tests, apply
         it (or nothing, for the "skip" policy) and report."""
         pending = [(gm, item) for gm in masks if gm is not None for item in gm.pending]
+        kind = "t" if all(g["quantile"] == "t" for g in self.param_groups) else "normal"
         params = [p for _, (_, p, _, _) in pending]
 
         def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor]]:
@@ -416,10 +425,10 @@ class ProbablyAlignedOptimizer(Optimizer):
             tangents = [m * u for m, (_, (_, _, u, _)) in zip(ms, pending)]
             ok, t_r, t_f = True, None, None
             if check_retain is not None:  # ⟨m⊙u, g_r⟩ ≥ 0: the step does not raise the retain loss
-                passed, t_r = one_sided_test(self._directional(params, tangents, check_retain), self.certify)
+                passed, t_r = one_sided_test(self._directional(params, tangents, check_retain), self.certify, kind)
                 ok &= passed
             if check_forget is not None and ok:  # ⟨m⊙u, g_f⟩ ≤ 0: the step raises the forget loss
-                passed, t_f = one_sided_test(-self._directional(params, tangents, check_forget), self.certify)
+                passed, t_f = one_sided_test(-self._directional(params, tangents, check_forget), self.certify, kind)
                 ok &= passed
             return ok, t_r, t_f, ms
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -43,6 +43,7 @@ __all__ = [
     "SCRUB",
     "SalUn",
     "UnlearningMethod",
+    "distill_kl",
     "get_method",
     "saliency_mask",
 ]
@@ -98,6 +99,10 @@ class UnlearningMethod:
     def after_step(self, model: nn.Module) -> None:
         """Called after ``optimizer.step()``."""
 
+    def hyperparameters(self) -> dict[str, object]:
+        """The constructor arguments: the recipe and the method's own settings."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
 
 @dataclass
 class FT(UnlearningMethod):
@@ -136,24 +141,23 @@ class GA(UnlearningMethod):
 @dataclass
 class NegGradPlus(UnlearningMethod):
     """NegGrad+ (Kurmanji et al., 2023): descent on the retain set and ascent on the forget set,
-    ``retain_weight * CE_r - forget_weight * CE_f``, one batch of each per step.
+    ``beta * CE_r - (1 - beta) * CE_f``, one batch of each per step.
 
-    The paper tunes the balance; equal weights are the direction the masked optimizers take when
-    ``step()`` gets no gradient. Epochs and learning rate are ours (no published recipe for
-    these data)."""
+    The paper tunes ``beta``; 0.95 is a common choice. ``beta=0.5`` gives (half) the direction
+    ``mu_r - mu_f`` that the masked optimizers take when ``step()`` gets no gradient. Epochs and
+    learning rate are ours (there is no published recipe for these data)."""
 
     name: ClassVar[str] = "NegGrad+"
     epochs: int = 5
     lr: float = 0.01
-    retain_weight: float = 1.0
-    forget_weight: float = 1.0
+    beta: float = 0.95
 
     def loss(self, model: nn.Module, forget: Batch | None = None, retain: Batch | None = None, *,
              phase: str = "main", progress: float = 0.0) -> Tensor:
         xf, yf = _need(forget, "forget", self.name)
         xr, yr = _need(retain, "retain", self.name)
-        return (self.retain_weight * F.cross_entropy(model(xr), yr)
-                - self.forget_weight * F.cross_entropy(model(xf), yf))
+        return (self.beta * F.cross_entropy(model(xr), yr)
+                - (1.0 - self.beta) * F.cross_entropy(model(xf), yf))
 
 
 @dataclass
@@ -236,7 +240,7 @@ class SalUn(RL):
 
     name: ClassVar[str] = "SalUn"
     ratio: float = 0.5
-    mask: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    mask: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def setup(self, model: nn.Module, forget_batches: Iterable[Batch] = (), seed: int = 0) -> None:
         super().setup(model, forget_batches, seed)

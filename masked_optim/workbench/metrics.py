@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,12 +26,16 @@ GAP_METRICS = ("FA", "RA", "TA", "MIA")
 
 @dataclass(frozen=True)
 class Metrics:
-    """Accuracies on forget/retain/test and MIA-efficacy, all in percent."""
+    """Accuracies on forget/retain/test and MIA-efficacy, all in percent.
+
+    ``diverged`` is set when the model gave non-finite outputs on some evaluated sample.
+    """
 
     FA: float
     RA: float
     TA: float
     MIA: float
+    diverged: bool = False
 
     @property
     def UA(self) -> float:
@@ -40,7 +44,7 @@ class Metrics:
 
     def as_dict(self) -> dict[str, float]:
         """The four measured numbers plus UA."""
-        return {**asdict(self), "UA": self.UA}
+        return {"FA": self.FA, "RA": self.RA, "TA": self.TA, "MIA": self.MIA, "UA": self.UA}
 
 
 class _EvalMode:
@@ -78,14 +82,25 @@ def _logits(model: nn.Module, images: ImageSet, idx: Tensor, batch_size: int) ->
     return torch.cat(outs), torch.cat(ys)
 
 
-def accuracy(model: nn.Module, images: ImageSet, idx: Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy in percent of ``model`` (evaluation mode) on the rows ``idx``."""
-    logits, y = _logits(model, images, idx, batch_size)
+def _accuracy(logits: Tensor, y: Tensor) -> float:
     if len(y) == 0:
         return float("nan")
     # A diverged model (non-finite logits) gets no credit, whatever argmax makes of NaN.
     correct = (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
     return 100.0 * float(correct.float().mean())
+
+
+def _confidence(logits: Tensor, y: Tensor) -> np.ndarray:
+    probs = logits.softmax(dim=1).gather(1, y[:, None]).squeeze(1)
+    return torch.nan_to_num(probs, nan=0.0).double().numpy()
+
+
+def accuracy(model: nn.Module, images: ImageSet, idx: Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent of ``model`` (evaluation mode) on the rows ``idx``.
+
+    Samples with non-finite logits count as wrong.
+    """
+    return _accuracy(*_logits(model, images, idx, batch_size))
 
 
 def true_label_confidence(model: nn.Module, images: ImageSet, idx: Tensor,
@@ -94,9 +109,7 @@ def true_label_confidence(model: nn.Module, images: ImageSet, idx: Tensor,
 
     Samples with non-finite logits (a diverged model) get probability 0.
     """
-    logits, y = _logits(model, images, idx, batch_size)
-    probs = logits.softmax(dim=1).gather(1, y[:, None]).squeeze(1)
-    return torch.nan_to_num(probs, nan=0.0).double().numpy()
+    return _confidence(*_logits(model, images, idx, batch_size))
 
 
 def svc_mia_efficacy(members: np.ndarray, non_members: np.ndarray, targets: np.ndarray) -> float:
@@ -134,14 +147,16 @@ def mia_efficacy(model: nn.Module, split: UnlearningSplit, batch_size: int = 102
 
 
 def evaluate(model: nn.Module, split: UnlearningSplit, batch_size: int = 1024) -> Metrics:
-    """FA, RA, TA and MIA-efficacy of ``model`` on ``split``."""
+    """FA, RA, TA and MIA-efficacy of ``model`` on ``split`` (one forward pass per set)."""
     train, test = split.data.train, split.data.test
-    return Metrics(
-        FA=accuracy(model, train, split.forget_idx, batch_size),
-        RA=accuracy(model, train, split.retain_idx, batch_size),
-        TA=accuracy(model, test, split.test_idx, batch_size),
-        MIA=mia_efficacy(model, split, batch_size),
-    )
+    lf, yf = _logits(model, train, split.forget_idx, batch_size)
+    lr, yr = _logits(model, train, split.retain_idx, batch_size)
+    lt, yt = _logits(model, test, split.test_idx, batch_size)
+    n = len(split.test_idx)  # members: the first N retain samples, as in mia_efficacy
+    mia = svc_mia_efficacy(_confidence(lr[:n], yr[:n]), _confidence(lt, yt), _confidence(lf, yf))
+    finite = all(bool(torch.isfinite(t).all()) for t in (lf, lr, lt))
+    return Metrics(FA=_accuracy(lf, yf), RA=_accuracy(lr, yr), TA=_accuracy(lt, yt), MIA=mia,
+                   diverged=not finite)
 
 
 def avg_gap(metrics: Metrics | Mapping[str, float], retrain: Metrics | Mapping[str, float]) -> float:

@@ -106,7 +106,7 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
                    masked: bool = True, lr: float | None = None, epochs: int | None = None,
                    batch_size: int | None = None, optimizer: str = "sgd", momentum: float = 0.9,
                    weight_decay: float = 5e-4, confidence: float = 0.95, seed: int = 0,
-                   track_every: int = 0, evaluate_at_end: bool = True,
+                   track_every: int = 0, trace_points: int = 0, evaluate_at_end: bool = True,
                    progress: bool = False, desc: str | None = None,
                    optimizer_kwargs: dict[str, Any] | None = None) -> RunResult:
     """Unlearn ``split.forget_idx`` from ``model`` (in place) with ``method``.
@@ -115,6 +115,9 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
     forget batch (true labels) and retain batch to ``step()``; ``masked=False`` uses the same
     optimizer with ``confidence=None``, i.e. plain SGD/Adam. Both draw the same batches for a
     given ``seed``. ``lr``, ``epochs`` and ``batch_size`` default to the method's recipe.
+
+    Forget and retain accuracy are recorded every ``track_every`` steps, or at about
+    ``trace_points`` evenly spaced steps; both 0 records nothing.
     """
     lr = method.lr if lr is None else lr
     epochs = method.epochs if epochs is None else epochs
@@ -130,6 +133,8 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
     plan = [(ph, *phase_batch_sizes(ph, batch_size, n_f, n_r))
             for e in range(epochs) for ph in method.phases(e)]
     total = sum(steps for *_, steps in plan)
+    if trace_points and not track_every:
+        track_every = max(1, math.ceil(total / trace_points))
     trace_retain = split.retain_idx[:TRACE_RETAIN_SAMPLES]
 
     def track(step: int) -> None:
@@ -165,7 +170,7 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
             else:
                 opt.step()
             method.after_step(model)
-            diag = getattr(opt, "diagnostics", None)
+            diag = opt.diagnostics
             if diag is None and masked:
                 raise RuntimeError("the masked optimizer reported no diagnostics after a step")
             kept.append(1.0 if diag is None else float(diag.kept_fraction))
@@ -179,8 +184,9 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
     bar.close()
     runtime = time.perf_counter() - start - untimed
     model.train(was_training)
-    diverged = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
     metrics = evaluate(model, split) if evaluate_at_end else None
+    diverged = (metrics is not None and metrics.diverged) or not all(
+        bool(torch.isfinite(p).all()) for p in model.parameters())
     return RunResult(metrics=metrics, runtime_s=runtime, steps=step,
                      kept_fraction=sum(kept) / len(kept) if kept else 1.0,
                      skipped_steps=skipped, trace=trace, kept=kept, diverged=diverged)

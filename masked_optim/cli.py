@@ -1,0 +1,170 @@
+"""Command line: ``masked-optim [unlearn] [options]`` and ``masked-optim methods``.
+
+With no arguments it runs the default study on scikit-learn's digits (a few minutes on a laptop
+CPU) and writes ``results.md``, ``results.json`` and plots to ``./masked_optim_results``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+_SUBCOMMANDS = ("unlearn", "methods")
+
+
+def _csv(kind: type) -> object:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(t) for t in text.split(",") if t.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s: {text!r}") from err
+    return parse
+
+
+def _lrs(text: str) -> tuple[float, ...] | None:
+    if text.strip().lower() == "recipe":
+        return None
+    return _csv(float)(text)  # type: ignore[operator,no-any-return]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``masked-optim``."""
+    from .workbench.data import DATASETS
+    from .workbench.models import ARCHS
+    from .workbench.study import StudyConfig
+
+    d = StudyConfig()
+    parser = argparse.ArgumentParser(
+        prog="masked-optim",
+        description="Machine-unlearning workbench for probably-aligned masked optimizers. "
+                    "Without a subcommand, runs `unlearn`.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"masked-optim {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    u = sub.add_parser(
+        "unlearn", help="train/load the original and retrained models, run every method masked "
+                        "and plain, write a results folder",
+        description="Train (or load from the cache) the original model and the model retrained "
+                    "without the forget set, run every unlearning method with and without the "
+                    "probably-aligned mask at every learning rate and seed, and write results.md, "
+                    "results.json and PNG plots. The defaults are the digits study.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = u.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, choices=DATASETS,
+                   help="digits is embedded (scikit-learn); the others are read from --data-root, "
+                        "never downloaded")
+    g.add_argument("--data-root", default=os.environ.get("MASKED_OPTIM_DATA", "./data"),
+                   help="folder holding cifar-10-batches-py/, cifar-100-python/, MNIST/raw/, "
+                        "FashionMNIST/raw/, or train/ and test/ class folders for imagefolder "
+                        "(default: $MASKED_OPTIM_DATA or ./data)")
+    g.add_argument("--forget", default=d.forget,
+                   help="random:FRACTION, random:COUNT or class:C[,C...]")
+    g.add_argument("--split-seed", type=int, default=d.split_seed,
+                   help="seed of the digits train/test split and of random forget selection")
+    g.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                   help="test share of the digits split")
+    g = u.add_argument_group("models")
+    g.add_argument("--model", choices=ARCHS, default=None,
+                   help="default: mlp for digits, cnn for (Fashion)MNIST, resnet18 otherwise")
+    g.add_argument("--norm", choices=("batch", "group"), default=d.norm,
+                   help="normalisation layers of resnet18")
+    g.add_argument("--train-epochs", type=int, default=None,
+                   help="epochs of the original/retrained models (default: per dataset)")
+    g.add_argument("--cache-dir", default=None,
+                   help="where trained models are kept (default: $MASKED_OPTIM_CACHE or "
+                        "~/.cache/masked_optim)")
+    g.add_argument("--no-cache", action="store_true", help="always train, never store")
+    g = u.add_argument_group("unlearning")
+    g.add_argument("--methods", type=_csv(str), default=d.methods,
+                   help="comma-separated: FT, GA, NegGrad+, RL, SalUn, l1-sparse, SCRUB")
+    g.add_argument("--mask", choices=("both", "plain", "masked"), default="both",
+                   help="run the methods with the probably-aligned mask, without, or both")
+    g.add_argument("--lrs", type=_lrs, default=d.lrs,
+                   help="comma-separated learning rates, or 'recipe' for each method's own")
+    g.add_argument("--seeds", type=_csv(int), default=d.seeds, help="comma-separated seeds")
+    g.add_argument("--epochs", type=int, default=None, help="override every method's epochs")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="override every method's batch size (default: 64 on digits, else recipe)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--confidence", type=float, default=d.confidence,
+                   help="confidence of the alignment test of the masked runs")
+    g = u.add_argument_group("output")
+    g.add_argument("--out", default="masked_optim_results", help="results folder")
+    g.add_argument("--trace-points", type=int, default=d.trace_points,
+                   help="forget/retain accuracy points recorded per run of the first seed, for "
+                        "the plots (0: none)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for digits on CPU, else torch's choice)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("methods", help="list the unlearning methods and their recipes")
+    return parser
+
+
+def _list_methods() -> int:
+    from .workbench.methods import METHODS
+
+    for name, cls in METHODS.items():
+        m = cls()
+        extra = {k: v for k, v in m.hyperparameters().items() if k not in ("epochs", "lr", "batch_size")}
+        doc = " ".join((cls.__doc__ or "").split()).split(". ")[0]
+        print(f"{name:10s} epochs={m.epochs} lr={m.lr:g} batch={m.batch_size} "
+              + " ".join(f"{k}={v}" for k, v in extra.items()).rstrip())
+        print(f"{'':10s} {doc}")
+    return 0
+
+
+def _unlearn(args: argparse.Namespace) -> int:
+    import torch
+
+    from .workbench.report import markdown_report, write_results
+    from .workbench.study import StudyConfig, run_study
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif args.dataset == "digits" and args.device == "cpu":
+        # The digits models multiply 64x256 matrices: extra threads only add synchronisation,
+        # which costs up to 10x on a loaded 2-core machine.
+        torch.set_num_threads(1)
+    masks = ("plain", "masked") if args.mask == "both" else (args.mask,)
+    cfg = StudyConfig(
+        dataset=args.dataset, data_root=args.data_root, forget=args.forget, model=args.model,
+        norm=args.norm, methods=tuple(args.methods), masks=masks, lrs=args.lrs,
+        seeds=tuple(args.seeds), epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+        confidence=args.confidence, split_seed=args.split_seed, test_fraction=args.test_fraction,
+        train_epochs=args.train_epochs, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+        trace_points=args.trace_points, device=args.device)
+    start = time.perf_counter()
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    result = run_study(cfg, progress=not args.quiet, log=log)
+    paths = write_results(result, args.out)
+    print(markdown_report(result))
+    print(f"Results in {args.out}: " + ", ".join(p.name for p in paths.values())
+          + f" ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``masked-optim`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `masked-optim` alone, or with options only, means `masked-optim unlearn ...`.
+    if not argv or (argv[0] not in _SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["unlearn", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "methods":
+        return _list_methods()
+    try:
+        return _unlearn(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"masked-optim: error: {err}", file=sys.stderr)
+        return 2

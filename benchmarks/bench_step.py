@@ -1,0 +1,235 @@
+"""Step microbenchmark: what a masked step costs next to the plain NegGrad+ step.
+
+Variants, timed side by side in one process (interleaved repeats, after warm-up, medians):
+
+  a          plain NegGrad+: forward+backward on a forget and a retain batch
+             (loss = CE(retain) - CE(forget)) and a torch.optim.SGD step;
+  b[engine]  ProbablyAlignedSGD.step(forget=..., retain=...) with the default direction
+             (mean retain gradient - mean forget gradient), no backward by the caller;
+  c[engine]  the caller's NegGrad+ backward first, then the same masked step.
+
+All use lr=1e-4, momentum 0.9, weight decay 5e-4, confidence 0.95. Reported: the ratios b/a and
+c/a per statistics engine (``--engine vmap,hooks``; engines that do not exist are reported as
+unavailable) and the peak memory of each variant: on CUDA ``max_memory_allocated`` above the
+steady state, on CPU the peak RSS above the steady state, each variant in a fresh subprocess.
+
+    python benchmarks/bench_step.py [--quick] [--device cpu|cuda] [--engine vmap,hooks] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+from masked_optim import ProbablyAlignedSGD  # noqa: E402
+
+LR, MOMENTUM, WD = 1e-4, 0.9, 5e-4
+DEFAULT_ENGINES = ("vmap", "hooks")
+QUICK_BATCH = {"mlp": 16, "cnn": 8, "resnet18": 4}
+
+
+def make_variant(kind: str, engine: Any, model: torch.nn.Module, forget, retain):
+    """A zero-argument function doing one step of variant ``kind`` ('a', 'b' or 'c')."""
+    if kind == "a":
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            C.loss_neggrad_plus(model, forget, retain).backward()
+            opt.step()
+        step.opt = opt  # type: ignore[attr-defined]
+        return step
+    opt = ProbablyAlignedSGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD, model=model,
+                             confidence=0.95, engine=engine)
+    if kind == "b":
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            opt.step(forget=forget, retain=retain)
+    elif kind == "c":
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            C.loss_neggrad_plus(model, forget, retain).backward()
+            opt.step(forget=forget, retain=retain)
+    else:
+        raise ValueError(kind)
+    step.opt = opt  # type: ignore[attr-defined]
+    return step
+
+
+def _setup(model_name: str, batch: int, device: torch.device):
+    model = C.build_model(model_name).to(device)
+    forget = C.make_batch(model_name, batch, device, seed=1)
+    retain = C.make_batch(model_name, batch, device, seed=2)
+    return model, forget, retain
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fresh-process peak memory of one variant (CPU)."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    model, forget, retain = _setup(spec["model"], spec["batch"], device)
+    engine = None
+    if spec["kind"] != "a":
+        engine, _ = C.resolve_engine(spec["engine"])
+    step = make_variant(spec["kind"], engine, model, forget, retain)
+    step()  # steady state: optimizer state allocated, lazy initialisation done
+    with C.PeakMemory(device) as pm:
+        step()
+    return pm.result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    t_start = time.perf_counter()
+    machine = C.machine_info(device)
+    log = C.log_to_stderr if args.verbose else None
+    engines: dict[str, dict[str, Any]] = {}
+    resolved: dict[str, Any] = {}
+    for name in C.parse_list(args.engine, DEFAULT_ENGINES):
+        eng, desc = C.resolve_engine(name)
+        engines[name] = {"available": eng is not None, ("engine" if eng is not None else "reason"): desc}
+        if eng is not None:
+            resolved[name] = eng
+        else:
+            C.log_to_stderr(f"[step] skipping engine {name!r}: {desc}")
+    models = C.parse_list(args.models, ["mlp", "cnn"] if args.quick else list(C.MODELS))
+    repeats = args.repeats or (2 if args.quick else 7)
+    target = 0.0 if args.quick else 0.25
+    out: dict[str, Any] = {}
+    for model_name in models:
+        batch = args.batch or C.default_batch(model_name, device)
+        if args.quick:  # exercise the code, not measure: a few samples per batch
+            batch = min(batch, QUICK_BATCH[model_name])
+        base, forget, retain = _setup(model_name, batch, device)
+        steps: dict[str, Any] = {"a": make_variant("a", None, copy.deepcopy(base), forget, retain)}
+        errors: dict[str, str] = {}
+        for name, eng in resolved.items():
+            try:
+                for kind in ("b", "c"):
+                    fn = make_variant(kind, eng, copy.deepcopy(base), forget, retain)
+                    fn()  # fails early for layers an engine does not support
+                    steps[f"{kind}[{name}]"] = fn
+            except Exception as err:  # noqa: BLE001 - reported in the JSON, the others still run
+                errors[name] = f"{type(err).__name__}: {err}"
+                steps.pop(f"b[{name}]", None)
+                C.log_to_stderr(f"[step] {model_name}: engine {name!r} failed: {errors[name]}")
+        ok = [name for name in resolved if name not in errors]
+        C.log_to_stderr(f"[step] {model_name} B={batch}: timing {', '.join(steps)} x {repeats} repeats")
+        # every b/c variant has already run once (the engine check above); one more warm-up call each
+        timing = C.interleaved_timing(steps, device=device, repeats=repeats, target_s=target, log=log,
+                                      warmup=1)
+        ratios = {
+            name: {"b/a": C.ratio_stats(timing, f"b[{name}]", "a"), "c/a": C.ratio_stats(timing, f"c[{name}]", "a")}
+            for name in ok
+        }
+        kept = {}
+        for name in ok:
+            d = steps[f"b[{name}]"].opt.diagnostics
+            kept[name] = None if d is None else d.kept_fraction
+        memory: dict[str, Any] = {}
+        if not args.no_memory:
+            mem_variants = list(steps)
+            if args.quick:
+                mem_variants = mem_variants[:1] if model_name == models[0] else []
+            for v in mem_variants:
+                kind, _, rest = v.partition("[")
+                spec = {"model": model_name, "batch": batch, "device": str(device), "kind": kind,
+                        "engine": rest.rstrip("]") or None, "threads": torch.get_num_threads()}
+                if device.type == "cuda":
+                    with C.PeakMemory(device) as pm:
+                        steps[v]()
+                    memory[v] = pm.result
+                else:
+                    memory[v] = C.run_child(Path(__file__), spec)
+        out[model_name] = {
+            "desc": C.MODELS[model_name]["desc"],
+            "params": C.count_params(base),
+            "batch_forget": batch,
+            "batch_retain": batch,
+            "timing": {k: {kk: vv for kk, vv in v.items()} for k, v in timing.items()},
+            "ratios": ratios,
+            "kept_fraction_last_b_step": kept,
+            "memory": memory,
+            "engine_errors": errors,
+        }
+        del steps, base
+    return {
+        "benchmark": "step",
+        "machine": {**machine, "loadavg_end": C.loadavg()},
+        "config": {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
+                   "lr": LR, "momentum": MOMENTUM, "weight_decay": WD, "confidence": 0.95,
+                   "variants": {"a": "plain NegGrad+ forward+backward (forget and retain) + torch.optim.SGD.step",
+                                "b": "ProbablyAlignedSGD.step(forget, retain), default direction, no caller backward",
+                                "c": "caller's NegGrad+ backward, then ProbablyAlignedSGD.step(forget, retain)"},
+                   "memory": ("CUDA: torch.cuda.max_memory_allocated above the allocation before one step "
+                              "(after warm-up). CPU: peak RSS (VmHWM, reset before the step) above RSS before "
+                              "one step, after one warm-up step, in a fresh process per variant.")},
+        "engines": engines,
+        "models": out,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def table(payload: dict[str, Any]) -> str:
+    """Markdown table of the step ratios and peak memory."""
+    rows = ["| model | B | engine | a: plain (ms) | b/a | c/a | peak mem a / b / c (MiB) | kept (b) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, m in payload["models"].items():
+        a_ms = m["timing"]["a"]["median_s"] * 1e3
+        for eng, r in m["ratios"].items():
+            mems = []
+            for v in ("a", f"b[{eng}]", f"c[{eng}]"):
+                mm = m["memory"].get(v)
+                mems.append("–" if not mm or "peak_delta_mib" not in mm else f"{mm['peak_delta_mib']:.0f}")
+            kept = m["kept_fraction_last_b_step"].get(eng)
+            rows.append(f"| {name} | {m['batch_forget']} | {eng} | {a_ms:.2f} | {r['b/a']['median']:.2f}× | "
+                        f"{r['c/a']['median']:.2f}× | {' / '.join(mems)} | "
+                        f"{'–' if kept is None else f'{kept:.1%}'} |")
+    rows += ["", "b/a, c/a: median of per-repeat ratios. Peak mem: extra memory of one step above the steady "
+             "state (CPU: peak RSS, fresh process per variant; a few MiB is within the C allocator's noise). "
+             "kept: fraction of coordinates the mask kept in the last b step."]
+    unavailable = [f"{k}: {v['reason']}" for k, v in payload["engines"].items() if not v["available"]]
+    unavailable += [f"{k} on {name}: {e}" for name, m in payload["models"].items()
+                    for k, e in m.get("engine_errors", {}).items()]
+    if unavailable:
+        rows.append("")
+        rows += [f"Not run — {u}" for u in unavailable]
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(p)
+    p.add_argument("--engine", "--engines", dest="engine", default=None,
+                   help=f"comma-separated statistics engines (default {','.join(DEFAULT_ENGINES)})")
+    p.add_argument("--models", default=None, help=f"comma-separated, from {','.join(C.MODELS)}")
+    p.add_argument("--batch", type=int, default=None, help="override the batch size of every model")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return {}
+    with C.torch_threads(args.threads if args.threads else (1 if args.quick else None)):
+        payload = run(args)
+    if args.out is not None:
+        C.write_json(args.out / "step.json", payload)
+    print(table(payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The benchmarks cannot rot: their quick mode runs here (no timing is asserted, ever)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common as C  # noqa: E402
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, **kw.pop("env", {})}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, **kw)
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_json_and_summary(tmp_path):
+    proc = _run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--out", str(tmp_path)])
+    for name in ("step", "stats", "kernel", "quality", "run_all"):
+        assert (tmp_path / f"{name}.json").exists(), name
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    cpu = C.cpu_model()
+    assert cpu in summary and cpu in proc.stdout
+    run_info = json.loads((tmp_path / "run_all.json").read_text())
+    assert all(s["ok"] for s in run_info["status"].values()), run_info["status"]
+
+    step = json.loads((tmp_path / "step.json").read_text())
+    m = step["machine"]
+    assert m["cpu_model"] == cpu and m["torch"] and m["torch_threads"] >= 1 and m["date"] and m["noise"]
+    assert step["engines"]["vmap"]["available"]
+    for model in step["models"].values():
+        r = model["ratios"]["vmap"]
+        assert math.isfinite(r["b/a"]["median"]) and r["b/a"]["median"] > 0
+        assert math.isfinite(r["c/a"]["median"]) and r["c/a"]["median"] > 0
+    first = next(iter(step["models"].values()))
+    assert first["memory"]["a"]["peak_delta_mib"] >= 0  # fresh-subprocess measurement ran
+
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    for model in stats["models"].values():
+        # correctness, not speed: our engine agrees with the float64 per-sample loop
+        err = model["errors_vs_float64_loop"]["vmap"]
+        assert err["mean_max_rel_err"] < 1e-4 and err["m2_max_rel_err"] < 1e-4
+        assert err["covered_params"].split("/")[0] == err["covered_params"].split("/")[1]
+
+    kernel = json.loads((tmp_path / "kernel.json").read_text())
+    entry = next(iter(kernel["sizes"].values()))
+    assert not entry["errors"], entry["errors"]
+    assert 0.0 <= entry["kept_fraction"] <= 1.0
+
+    quality = json.loads((tmp_path / "quality.json").read_text())
+    if "skipped" not in quality:
+        variants = {(s["method"], s["variant"]) for s in quality["summary"]}
+        assert {v for _, v in variants} == {"plain", "masked"}
+        assert all(s["gap"]["mean"] is not None for s in quality["summary"])
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    _run(["bash", str(BENCH / "gpu.sh"), "--quick", "--only", "kernel"],
+         env={"DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable})
+    kernel = json.loads((tmp_path / "kernel.json").read_text())
+    assert kernel["machine"]["device"] == "cpu"
+    assert (tmp_path / "SUMMARY.md").exists()
+
+
+def test_step_reports_unknown_engine_and_runs_the_rest(tmp_path, capsys):
+    import bench_step
+
+    payload = bench_step.main(["--quick", "--models", "mlp", "--engine", "vmap,no-such-engine",
+                               "--no-memory", "--out", str(tmp_path)])
+    assert payload["engines"]["no-such-engine"]["available"] is False
+    assert "vmap" in payload["models"]["mlp"]["ratios"]
+    assert "no-such-engine" in capsys.readouterr().out  # listed as not run in the table
+    assert (tmp_path / "step.json").exists()
+
+
+def test_quality_skips_cleanly_without_workbench(tmp_path, monkeypatch):
+    import bench_quality
+
+    def missing():
+        raise ImportError("No module named 'masked_optim.workbench'")
+
+    monkeypatch.setattr(bench_quality, "_workbench", missing)
+    monkeypatch.setattr(bench_quality, "_cli_available", lambda: False)
+    payload = bench_quality.main(["--quick", "--out", str(tmp_path)])
+    assert "skipped" in payload
+    assert "skipped" in bench_quality.table(payload)
+    assert json.loads((tmp_path / "quality.json").read_text())["skipped"]
+
+
+def test_interleaved_timing_and_ratios():
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": lambda: calls.append("c")}
+    res = C.interleaved_timing(fns, device=C.torch.device("cpu"), repeats=3, warmup=1, target_s=0.0)
+    assert all(r["repeats"] == 3 and len(r["times_s"]) == 3 for r in res.values())
+    timed = calls[3:]  # after one warm-up (calibration) call each
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotated order in each repeat
+    fake = {"x": {"times_s": [2.0, 4.0, 6.0], "median_s": 4.0}, "y": {"times_s": [1.0, 1.0, 2.0], "median_s": 1.0}}
+    r = C.ratio_stats(fake, "x", "y")
+    assert r["median"] == 3.0 and r["of_medians"] == 4.0
+
+
+def test_engine_resolution():
+    eng, desc = C.resolve_engine("vmap")
+    assert eng is not None and "VmapEngine" in desc
+    eng, why = C.resolve_engine("no-such-engine")
+    assert eng is None and "not available" in why

@@ -10,7 +10,8 @@ of freedom) quantile.  ``se = 0`` with ``μ ≠ 0`` gives ``z = ±∞``, ``μ = 
 is ever NaN.
 
 The hard mask is evaluated without divisions or square roots: for ``q ≥ 0``,
-``s·μ/se > q  ⇔  s·μ·|μ| > q²·se²``, and for ``q < 0`` it fails only when ``s·μ·|μ| < −q²·se²``.
+``s·μ/se > q  ⇔  s·μ > 0 and μ² > q²·se²``, and for ``q < 0`` it fails only when
+``s·μ·|μ| < −q²·se²``.
 """
 
 from __future__ import annotations
@@ -159,6 +160,58 @@ def _keep_one(u_sign: Tensor, con: Constraint) -> Tensor:
     return lhs >= con.m2 * (-coeff)
 
 
+def _fast_keep(u: Tensor, cons: list[Constraint]) -> Tensor:
+    """Boolean mask for thresholds ``q ≥ 0`` in few passes: coordinate i is kept iff
+
+        max over constraints of ( −sign·u·μ ,  M2 − μ²/coeff )  <  0
+
+    (alignment ``sign·u·μ > 0`` and significance ``μ² > coeff·M2``; the sign of a max is all that
+    matters, so the two scales never mix). ``u = 0`` or ``μ = 0`` gives 0, which is not < 0."""
+    worst: Tensor | None = None
+    scratch: Tensor | None = None
+    for con in cons:
+        if worst is None:
+            worst = torch.mul(u, con.mean)
+            if con.sign > 0:
+                worst.neg_()
+        else:
+            scratch = torch.mul(u, con.mean, out=scratch) if scratch is not None else torch.mul(u, con.mean)
+            if con.sign > 0:
+                scratch.neg_()
+            torch.maximum(worst, scratch, out=worst)
+        coeff = con.coeff
+        if coeff:
+            if scratch is None:
+                scratch = torch.addcmul(con.m2, con.mean, con.mean, value=-1.0 / coeff)
+            else:
+                torch.addcmul(con.m2, con.mean, con.mean, value=-1.0 / coeff, out=scratch)
+            torch.maximum(worst, scratch, out=worst)
+    if worst is None:
+        return u != 0
+    return worst < 0
+
+
+def _fast_keep_many(us: list[Tensor], cons_lists: list[list[Constraint]]) -> list[Tensor]:
+    """:func:`_fast_keep` over lists with ``torch._foreach_*`` kernels."""
+    worst: list[Tensor] | None = None
+    for cons in cons_lists:
+        means = [c.mean for c in cons]
+        a = torch._foreach_mul(us, means)
+        if cons[0].sign > 0:
+            torch._foreach_neg_(a)
+        if worst is None:
+            worst = a
+        else:
+            torch._foreach_maximum_(worst, a)
+        coeff = cons[0].coeff
+        if coeff:
+            sig = torch._foreach_addcmul([c.m2 for c in cons], means, means, value=-1.0 / coeff)
+            torch._foreach_maximum_(worst, sig)
+    if worst is None:
+        return [u != 0 for u in us]
+    return [w < 0 for w in worst]
+
+
 def feasibility_mask(
     u: Tensor,
     forget: Constraint | None = None,
@@ -172,6 +225,9 @@ def feasibility_mask(
     """
     if soft:
         return soft_mask(u, forget, retain)
+    cons = [c for c in (forget, retain) if c is not None]
+    if all(c.q >= 0 for c in cons):
+        return _fast_keep(u, cons).to(u.dtype)
     s = torch.sign(u)
     keep = s != 0
     for con in (forget, retain):
@@ -207,6 +263,9 @@ def feasibility_masks(
             feasibility_mask(u, forget[i] if forget else None, retain[i] if retain else None, soft)
             for i, u in enumerate(us)
         ]
+    sides = [list(c) for c in (forget, retain) if c]
+    if all(c[0].q >= 0 for c in sides):
+        return [k.to(u.dtype) for k, u in zip(_fast_keep_many(us, sides), us)]
     signs = torch._foreach_sign(us)
     masks = torch._foreach_abs(signs)  # u ≠ 0
     for cons in (forget, retain):

@@ -350,10 +350,12 @@ class ProbablyAlignedOptimizer(Optimizer):
             stat_grads = self._stats_direction(stat_params, stats_f, stats_r)
 
         # ---- non-finite guard: one host sync for everything the update will read ----
+        # a non-finite per-sample gradient makes its batch mean non-finite too; M2 alone can only
+        # overflow to +inf, which the mask reads as "not significant", never as NaN
         to_check: list[Tensor] = []
         for s in (stats_f, stats_r):
             if s is not None:
-                to_check += s.mean + s.m2
+                to_check += s.mean
         if has_grad:
             to_check += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if to_check and not _all_finite(to_check):
@@ -508,8 +510,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             r = stats_r.mean[i].to(p.dtype) if stats_r is not None else None
             f = stats_f.mean[i].to(p.dtype) if stats_f is not None else None
             if r is not None and f is not None:
-                g = r * self.retain_weight if self.retain_weight != 1 else r.clone()
-                g.sub_(f, alpha=self.forget_weight)
+                g = torch.sub(r, f, alpha=self.forget_weight) if self.retain_weight == 1 else r * self.retain_weight - f * self.forget_weight
             elif r is not None:
                 g = r * self.retain_weight
             else:
@@ -567,9 +568,8 @@ def _all_finite(tensors: list[Tensor]) -> bool:
             continue
         by_device.setdefault(t.device, []).append(t)
     for ts in by_device.values():
-        # NaN and ±Inf survive a sum; finite values would need |x| > 1e38 to overflow it
-        sums = torch.stack([t.sum(dtype=torch.float32 if t.dtype != torch.float64 else None) for t in ts])
-        if not bool(sums.isfinite().all()):
+        # NaN and ±Inf survive an L1 norm; finite values would need Σ|x| > 3e38 to overflow it
+        if not bool(torch.stack(torch._foreach_norm(ts, 1)).isfinite().all()):
             return False
     return True
 

@@ -198,9 +198,19 @@ class HookEngine:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.fallback = VmapEngine() if fallback == "default" else fallback
         self.chunk_size = chunk_size
+        self._plan: tuple | None = None
 
     def plan(self, model: nn.Module, params: Sequence[Tensor]) -> tuple[dict[nn.Module, dict[str, int]], list[int]]:
         """Which parameters (by index) the hooks handle, per module, and which go to the fallback."""
+        # the optimizer asks for the same plan every step: reuse it while model and params are the same
+        key = (id(model), tuple(id(p) for p in params), tuple(id(m) for m in model.modules()))
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        result = self._make_plan(model, params)
+        self._plan = (key, result)
+        return result
+
+    def _make_plan(self, model: nn.Module, params: Sequence[Tensor]) -> tuple[dict[nn.Module, dict[str, int]], list[int]]:
         homes: dict[int, list[tuple[nn.Module, str]]] = {}
         for mod in model.modules():
             for pname, p in mod.named_parameters(recurse=False):
@@ -274,13 +284,16 @@ class HookEngine:
         again = {i for t in taps if t.calls > 1 for i in t.owned.values()}
         means: list[Tensor | None] = [None] * len(params)
         m2s: list[Tensor | None] = [None] * len(params)
-        for i, s in zip(hooked_idx, sums):
-            if s is None or i in again or sumsq[i] is None:
-                continue
-            s = s.to(dtypes[i])
-            means[i] = s / n
+        ready = [(i, s.to(dtypes[i]), sumsq[i]) for i, s in zip(hooked_idx, sums)
+                 if s is not None and i not in again and sumsq[i] is not None]
+        if ready:
+            idx, s_list, q_list = (list(t) for t in zip(*ready))
+            mean_list = torch._foreach_div(s_list, float(n))
             # M2 = Σg² − (Σg)²/n; clamp the float rounding of a (near-)constant coordinate
-            m2s[i] = sumsq[i].addcmul_(s, s, value=-1.0 / n).clamp_min_(0)
+            torch._foreach_addcmul_(q_list, s_list, s_list, value=-1.0 / n)
+            torch._foreach_clamp_min_(q_list, 0.0)
+            for i, mu, q in zip(idx, mean_list, q_list):
+                means[i], m2s[i] = mu, q
         for i, p in enumerate(params):
             if means[i] is None:  # unused here, or left to the fallback
                 means[i] = torch.zeros_like(p, dtype=dtypes[i])

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from masked_optim import HookEngine, ProbablyAlignedSGD, VmapEngine
+from masked_optim import hooks
 from masked_optim.hooks import supports
 
 from .helpers import loop_moments
@@ -96,8 +97,10 @@ def _setup(name, n=10, seed=0):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("chunk", [None, 3])
-def test_hooks_equal_vmap_and_loop(name, chunk):
+@pytest.mark.parametrize("chunk, per_sample_loop", [(None, False), (3, False), (None, True)])
+def test_hooks_equal_vmap_and_loop(name, chunk, per_sample_loop, monkeypatch):
+    if per_sample_loop:  # the one-sample-at-a-time accumulation used for large layers on CPU
+        monkeypatch.setattr(hooks, "_CACHE_RESIDENT", 0)
     model, x, y = _setup(name)
     params = list(model.parameters())
     fast = HookEngine(chunk_size=chunk)(model, params, (x, y))

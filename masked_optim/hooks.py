@@ -69,9 +69,10 @@ def _per_sample_sum_sq(left: Tensor, right: Tensor) -> Tensor:
 def _linear(m: nn.Linear, a: Tensor, d: Tensor) -> dict[str, Tensor]:
     out = {}
     if a.dim() == 2:
-        out["weight"] = (d * d).t() @ (a * a)
+        d2 = d * d
+        out["weight"] = d2.t() @ (a * a)
         if m.bias is not None:
-            out["bias"] = (d * d).sum(0)
+            out["bias"] = d2.sum(0)
     else:
         # a sequence dimension: per-sample gradients sum over positions before squaring
         a3, d3 = a.reshape(a.shape[0], -1, a.shape[-1]), d.reshape(d.shape[0], -1, d.shape[-1])

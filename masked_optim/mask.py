@@ -161,7 +161,7 @@ def _keep_one(u_sign: Tensor, con: Constraint) -> Tensor:
 
 
 def _fast_keep(u: Tensor, cons: list[Constraint]) -> Tensor:
-    """Boolean mask for thresholds ``q ≥ 0`` in few passes: coordinate i is kept iff
+    """0/1 mask for thresholds ``q ≥ 0`` in few passes: coordinate i is kept iff
 
         max over constraints of ( −sign·u·μ ,  M2 − μ²/coeff )  <  0
 
@@ -187,8 +187,9 @@ def _fast_keep(u: Tensor, cons: list[Constraint]) -> Tensor:
                 torch.addcmul(con.m2, con.mean, con.mean, value=-1.0 / coeff, out=scratch)
             torch.maximum(worst, scratch, out=worst)
     if worst is None:
-        return u != 0
-    return worst < 0
+        return (u != 0).to(u.dtype)
+    # 1.0 where worst < 0, else 0.0, in place: large CPU allocations cost more than passes here
+    return worst.neg_().clamp_min_(0).sign_()
 
 
 def _fast_keep_many(us: list[Tensor], cons_lists: list[list[Constraint]]) -> list[Tensor]:
@@ -208,8 +209,11 @@ def _fast_keep_many(us: list[Tensor], cons_lists: list[list[Constraint]]) -> lis
             sig = torch._foreach_addcmul([c.m2 for c in cons], means, means, value=-1.0 / coeff)
             torch._foreach_maximum_(worst, sig)
     if worst is None:
-        return [u != 0 for u in us]
-    return [w < 0 for w in worst]
+        return [(u != 0).to(u.dtype) for u in us]
+    torch._foreach_neg_(worst)
+    torch._foreach_clamp_min_(worst, 0.0)
+    torch._foreach_sign_(worst)
+    return worst
 
 
 def feasibility_mask(
@@ -227,7 +231,8 @@ def feasibility_mask(
         return soft_mask(u, forget, retain)
     cons = [c for c in (forget, retain) if c is not None]
     if all(c.q >= 0 for c in cons):
-        return _fast_keep(u, cons).to(u.dtype)
+        m = _fast_keep(u, cons)
+        return m if m.dtype == u.dtype else m.to(u.dtype)
     s = torch.sign(u)
     keep = s != 0
     for con in (forget, retain):
@@ -265,7 +270,7 @@ def feasibility_masks(
         ]
     sides = [list(c) for c in (forget, retain) if c]
     if all(c[0].q >= 0 for c in sides):
-        return [k.to(u.dtype) for k, u in zip(_fast_keep_many(us, sides), us)]
+        return [k if k.dtype == u.dtype else k.to(u.dtype) for k, u in zip(_fast_keep_many(us, sides), us)]
     signs = torch._foreach_sign(us)
     masks = torch._foreach_abs(signs)  # u ≠ 0
     for cons in (forget, retain):

@@ -50,8 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import masked_optim
-from masked_optim import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402  (benchmarks/ is not a package)
+
+import masked_optim  # noqa: E402
+from masked_optim import (  # noqa: E402
     Constraint,
     ProbablyAlignedSGD,
     directional_derivatives,
@@ -86,24 +89,6 @@ QUICK = dict(
 # ------------------------------------------------------------------------------------------------
 # machine
 # ------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def lscpu_fields() -> dict[str, str]:
     keep = ("Model name", "CPU family", "Model", "Stepping", "CPU(s)", "Thread(s) per core", "Hypervisor vendor",
             "L2 cache", "L3 cache")

@@ -124,6 +124,19 @@ def test_skip_policy_undoes_step_and_state():
         assert torch.equal(v["momentum_buffer"], state[k]["momentum_buffer"])
 
 
+def test_skip_covers_unmasked_param_groups():
+    model, fb, rb = _problem(2)
+    opt = ProbablyAlignedSGD(
+        [{"params": model[0].parameters(), "confidence": None}, {"params": model[2].parameters()}],
+        lr=0.1, model=model, confidence=0.2, certify=0.9, certify_policy="skip",
+    )
+    _raise_retain_backward(model, rb, scale=100.0)
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.step(forget=fb, retain=rb)
+    assert opt.diagnostics.certificate.action == "skipped"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
 def test_emptied_when_budget_exhausted():
     model, fb, rb = _problem(2)
     opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, confidence=0.2, certify=0.9, certify_tries=1)

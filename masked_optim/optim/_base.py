@@ -375,7 +375,11 @@ class ProbablyAlignedOptimizer(Optimizer):
                 if g is not None:
                     params.append(p)
                     grads.append(g)
-            work.append((group, params, grads, self._group_mask(group, params, index, stats_f, stats_r, test_f, test_r)))
+            mask = self._group_mask(group, params, index, stats_f, stats_r, test_f, test_r)
+            if certify and mask is None and params:
+                # an unmasked group is still part of the step the test certifies (and may skip)
+                mask = _GroupMask(None, None, False)
+            work.append((group, params, grads, mask))
         snapshot = self._snapshot_state(work) if certify and self.certify_policy == "skip" else None
         for group, params, grads, mask in work:
             if mask is not None:

@@ -20,9 +20,6 @@ from ..stats import Batch, GradStats, StatsEngine, VmapEngine, unwrap_model, val
 
 __all__ = ["Certificate", "StepDiagnostics", "ProbablyAlignedOptimizer"]
 
-_MASK_DEFAULTS = ("confidence", "forget_confidence", "retain_confidence", "quantile", "soft")
-
-
 @dataclasses.dataclass(frozen=True)
 class StepDiagnostics:
     """What the last ``step()`` did. Never part of ``state_dict``.
@@ -424,10 +421,8 @@ class ProbablyAlignedOptimizer(Optimizer):
         params = [p for _, (_, p, _, _) in pending]
 
         def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor]]:
-            ms = [
-                torch.zeros_like(u) if math.isinf(delta) else gm.shifted(delta).single(i, u)
-                for gm, (i, _, u, _) in pending
-            ]
+            shifted = {id(gm): gm.shifted(delta) if delta else gm for gm in masks if gm is not None}
+            ms = [shifted[id(gm)].single(i, u) for gm, (i, _, u, _) in pending]
             tangents = [m * u for m, (_, (_, _, u, _)) in zip(ms, pending)]
             ok, t_r, t_f = True, None, None
             if check_retain is not None:  # ⟨m⊙u, g_r⟩ ≥ 0: the step does not raise the retain loss

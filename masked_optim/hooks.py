@@ -246,6 +246,7 @@ class HookEngine:
         return result
 
     def _make_plan(self, model: nn.Module, params: Sequence[Tensor]) -> tuple[dict[nn.Module, dict[str, int]], list[int]]:
+        _param_names(model, params)  # a clear error for foreign parameters, once per plan
         homes: dict[int, list[tuple[nn.Module, str]]] = {}
         for mod in model.modules():
             for pname, p in mod.named_parameters(recurse=False):
@@ -266,7 +267,6 @@ class HookEngine:
         params = list(params)
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
         xs, y, n = validate_batch(batch)
-        _param_names(model, params)  # clear error for foreign parameters
         owned, rest = self.plan(model, params)
         device = params[0].device if params else y.device
         xs = tuple(x.to(device, non_blocking=True) for x in xs)

@@ -174,3 +174,9 @@ def test_optimizer_engines_agree():
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="engine"):
         ProbablyAlignedSGD(nn.Linear(2, 2).parameters(), lr=0.1, model=nn.Linear(2, 2), engine="fast")
+
+
+def test_foreign_parameter_is_a_clear_error():
+    model, x, y = _setup("mlp")
+    with pytest.raises(ValueError, match="not a parameter"):
+        HookEngine()(model, [nn.Parameter(torch.zeros(3))], (x, y))

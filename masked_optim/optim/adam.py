@@ -141,7 +141,12 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         return exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
 
     def _update_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], mask: _GroupMask | None
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        mask: _GroupMask | None,
+        grads_owned: bool = False,
     ) -> None:
         for g in grads:
             if torch.is_complex(g):
@@ -165,6 +170,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             foreach=_use_foreach(group, params),
+            grads_owned=grads_owned,
         )
 
 
@@ -196,14 +202,19 @@ def masked_adam(
     maximize: bool,
     decoupled_weight_decay: bool,
     foreach: bool,
+    grads_owned: bool = False,
 ) -> None:
-    """Functional masked Adam: advances the moments; ``mask`` (if any) applies the update."""
-    fn = _multi_tensor_masked_adam if foreach else _single_tensor_masked_adam
-    fn(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, amsgrad=amsgrad,
-        beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
-    )
+    """Functional masked Adam: advances the moments; ``mask`` (if any) applies the update.
+    ``grads_owned``: the gradients are the caller's scratch tensors and may be modified in place."""
+    kwargs = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+                  maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+    if foreach:
+        _multi_tensor_masked_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, **kwargs)
+    else:
+        _single_tensor_masked_adam(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, grads_owned=grads_owned,
+            **kwargs,
+        )
 
 
 def _single_tensor_masked_adam(
@@ -223,9 +234,12 @@ def _single_tensor_masked_adam(
     eps: float,
     maximize: bool,
     decoupled_weight_decay: bool,
+    grads_owned: bool = False,
 ) -> None:
     for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
+        grad, fresh = grads[i], grads_owned
+        if maximize:
+            grad, fresh = (grad.neg_() if fresh else -grad), True
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         step_t += 1
         decay_param = None
@@ -236,7 +250,7 @@ def _single_tensor_masked_adam(
                 else:
                     decay_param = param.clone()  # u includes λ·θ of the pre-step parameter
             else:
-                grad = grad.add(param, alpha=weight_decay)
+                grad = grad.add_(param, alpha=weight_decay) if fresh else grad.add(param, alpha=weight_decay)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step = step_t.item()

@@ -126,7 +126,12 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         return [self.state[p].get("momentum_buffer") for p in params]
 
     def _update_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], mask: _GroupMask | None
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        mask: _GroupMask | None,
+        grads_owned: bool = False,
     ) -> None:
         bufs = self._init_group(group, params)
         masked_sgd(
@@ -134,6 +139,7 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
             grads,
             bufs,
             mask,
+            grads_owned=grads_owned,
             lr=group["lr"],
             weight_decay=group["weight_decay"],
             momentum=group["momentum"],
@@ -160,13 +166,23 @@ def masked_sgd(
     nesterov: bool,
     maximize: bool,
     foreach: bool,
+    grads_owned: bool = False,
 ) -> None:
-    """Functional masked SGD: advances the momentum buffers; ``mask`` (if any) applies the update."""
-    fn = _multi_tensor_masked_sgd if foreach else _single_tensor_masked_sgd
-    fn(
-        params, grads, momentum_buffer_list, mask, lr=lr, weight_decay=weight_decay, momentum=momentum,
-        dampening=dampening, nesterov=nesterov, maximize=maximize,
-    )
+    """Functional masked SGD: advances the momentum buffers; ``mask`` (if any) applies the update.
+
+    ``grads_owned``: the gradients are scratch tensors of the caller (the statistics direction), which
+    may be modified in place and become momentum buffers — on CPU each large allocation avoided is a
+    pass over memory saved."""
+    if foreach:
+        _multi_tensor_masked_sgd(
+            params, grads, momentum_buffer_list, mask, lr=lr, weight_decay=weight_decay, momentum=momentum,
+            dampening=dampening, nesterov=nesterov, maximize=maximize,
+        )
+    else:
+        _single_tensor_masked_sgd(
+            params, grads, momentum_buffer_list, mask, lr=lr, weight_decay=weight_decay, momentum=momentum,
+            dampening=dampening, nesterov=nesterov, maximize=maximize, grads_owned=grads_owned,
+        )
 
 
 def _single_tensor_masked_sgd(
@@ -181,15 +197,18 @@ def _single_tensor_masked_sgd(
     dampening: float,
     nesterov: bool,
     maximize: bool,
+    grads_owned: bool = False,
 ) -> None:
     for i, param in enumerate(params):
-        grad = grads[i] if not maximize else -grads[i]
+        grad, fresh = grads[i], grads_owned
+        if maximize:
+            grad, fresh = (grad.neg_() if fresh else -grad), True
         if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
+            grad, fresh = (grad.add_(param, alpha=weight_decay) if fresh else grad.add(param, alpha=weight_decay)), True
         if momentum != 0:
             buf = momentum_buffer_list[i]
             if buf is None:
-                buf = grad.detach().clone()
+                buf = grad.detach() if fresh else grad.detach().clone()
                 momentum_buffer_list[i] = buf
             else:
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)

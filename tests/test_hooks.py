@@ -97,10 +97,14 @@ def _setup(name, n=10, seed=0):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("chunk, per_sample_loop", [(None, False), (3, False), (None, True)])
-def test_hooks_equal_vmap_and_loop(name, chunk, per_sample_loop, monkeypatch):
+@pytest.mark.parametrize("chunk, per_sample_loop, gram", [
+    (None, False, None), (3, False, None), (None, True, None), (None, False, "never"), (None, False, "always"),
+])
+def test_hooks_equal_vmap_and_loop(name, chunk, per_sample_loop, gram, monkeypatch):
     if per_sample_loop:  # the one-sample-at-a-time accumulation used for large layers on CPU
         monkeypatch.setattr(hooks, "_CACHE_RESIDENT", 0)
+    if gram is not None:  # the Gram form of Σ_b g_b² for every contraction length, or for none
+        monkeypatch.setattr(hooks, "_GRAM_MAX_INNER", 0 if gram == "never" else 10**6)
     model, x, y = _setup(name)
     params = list(model.parameters())
     fast = HookEngine(chunk_size=chunk)(model, params, (x, y))
@@ -180,3 +184,56 @@ def test_foreign_parameter_is_a_clear_error():
     model, x, y = _setup("mlp")
     with pytest.raises(ValueError, match="not a parameter"):
         HookEngine()(model, [nn.Parameter(torch.zeros(3))], (x, y))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pair_equals_two_loops(name):
+    """One pass over forget+retain (unequal sizes) gives each batch's own moments."""
+    model, x, y = _setup(name, n=11)
+    params = list(model.parameters())
+    first, second = (x[:4], y[:4]), (x[4:], y[4:])
+    got = HookEngine().pair(model, params, first, second)
+    for stats, (xb, yb) in zip(got, (first, second)):
+        _, lm, lq = loop_moments(model, params, xb, yb)
+        assert stats.n == len(yb)
+        for i in range(len(params)):
+            torch.testing.assert_close(stats.mean[i].double(), lm[i], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(stats.m2[i].double(), lq[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats.loss, F.cross_entropy(model.eval()(xb), yb), rtol=1e-5, atol=1e-6)
+        model.train()
+
+
+def test_pair_falls_back_to_separate_passes():
+    """Inputs that cannot be concatenated (sequences of another length), or chunking, still give
+    each batch's exact moments."""
+    model, x, y = _setup("seq", n=9)
+    short = (torch.randint(0, 9, (5, 4)), torch.randint(0, 3, (5,)))
+    mlp, xm, ym = _setup("mlp", n=9)
+    for net, first, second, chunk in [(model, (x, y), short, None), (mlp, (xm[:4], ym[:4]), (xm[4:], ym[4:]), 2)]:
+        params = list(net.parameters())
+        got = HookEngine(chunk_size=chunk).pair(net, params, first, second)
+        for stats, (xb, yb) in zip(got, (first, second)):
+            _, lm, lq = loop_moments(net, params, xb, yb)
+            for i in range(len(params)):
+                torch.testing.assert_close(stats.mean[i].double(), lm[i], rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(stats.m2[i].double(), lq[i], rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_first_layer_and_bias_free_layers():
+    """Autograd is only asked for what carries δ through each hooked layer: a frozen first layer and
+    layers without bias must still get every statistic."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
+    model[2].requires_grad_(False)  # a frozen layer in the middle
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = HookEngine(fallback=None)(model, params, (x, y))
+    _, lm, lq = loop_moments(model, params, x, y)
+    for i in range(len(params)):
+        torch.testing.assert_close(fast.mean[i].double(), lm[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fast.m2[i].double(), lq[i], rtol=1e-4, atol=1e-6)
+    model[0].requires_grad_(False)  # now the first trainable layer's input needs no gradient
+    params = [model[4].weight]
+    fast = HookEngine(fallback=None)(model, params, (x, y))
+    _, lm, lq = loop_moments(model, params, x, y)
+    torch.testing.assert_close(fast.m2[0].double(), lq[0], rtol=1e-4, atol=1e-6)

@@ -99,10 +99,13 @@ def _setup(name, n=10, seed=0):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("chunk, per_sample_loop, gram", [
     (None, False, None), (3, False, None), (None, True, None), (None, False, "never"), (None, False, "always"),
+    (None, "in_hook", None),
 ])
 def test_hooks_equal_vmap_and_loop(name, chunk, per_sample_loop, gram, monkeypatch):
     if per_sample_loop:  # the one-sample-at-a-time accumulation used for large layers on CPU
         monkeypatch.setattr(hooks, "_CACHE_RESIDENT", 0)
+    if per_sample_loop == "in_hook":  # large layers: rules run inside the backward, not after it
+        monkeypatch.setattr(hooks, "_DEFER_MAX", 0)
     if gram is not None:  # the Gram form of Σ_b g_b² for every contraction length, or for none
         monkeypatch.setattr(hooks, "_GRAM_MAX_INNER", 0 if gram == "never" else 10**6)
     model, x, y = _setup(name)

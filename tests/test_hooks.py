@@ -102,7 +102,7 @@ def _setup(name, n=10, seed=0):
     (None, "in_hook", None),
 ])
 def test_hooks_equal_vmap_and_loop(name, chunk, per_sample_loop, gram, monkeypatch):
-    if per_sample_loop:  # the one-sample-at-a-time accumulation used for large layers on CPU
+    if per_sample_loop is True:  # the one-sample-at-a-time accumulation used for large layers on CPU
         monkeypatch.setattr(hooks, "_CACHE_RESIDENT", 0)
     if per_sample_loop == "in_hook":  # large layers: rules run inside the backward, not after it
         monkeypatch.setattr(hooks, "_DEFER_MAX", 0)

@@ -267,11 +267,12 @@ class _Tap:
             return
         x = inputs[0]
         self.input = x.detach()
-        # the backward only has to carry δ through this module: ask autograd for the gradient of its
-        # input when that is part of the graph anyway, else for one of its parameters (a first
-        # layer), so that no other weight gradient is formed twice
-        # (its bias when it has one: the cheapest gradient to form)
-        self.targets.append(x if x.requires_grad else getattr(module, "bias" if "bias" in self.owned else next(iter(self.owned))))
+        # the backward only has to carry δ through every hooked module: it does when autograd is asked
+        # for the parameters of the first layers (whose input needs no gradient) and for every leaf
+        # the hooks do not own; gradients of module inputs would do too, but they would all be held
+        # until the backward ends (measured +150 MiB on a ResNet-18 step)
+        if not x.requires_grad:
+            self.targets.extend(getattr(module, name) for name in self.owned)
         output.register_hook(self.backward_hook)
 
     def backward_hook(self, grad_out: Tensor) -> None:
@@ -422,7 +423,9 @@ class HookEngine:
         modules that turned out to be called more than once (left to the fallback)."""
         dtypes = [_acc_dtype(p.dtype) for p in params]
         results: list[list[tuple[Tensor, Tensor] | None]] = [[None] * len(params) for _ in segments]
-        targets: list[Tensor] = []
+        targets: list[Tensor] = [x for x in xs if x.requires_grad]
+        hooked = {id(params[i]) for names in owned.values() for i in names.values()}
+        targets += [p for p in model.parameters() if p.requires_grad and id(p) not in hooked]
         taps = [
             _Tap(mod, names, segments, results, targets, dtypes[next(iter(names.values()))])
             for mod, names in owned.items()

@@ -1,12 +1,14 @@
 """A statistics engine that never materialises per-sample gradients of the whole model (DESIGN §4).
 
-One forward and one backward of the *summed* per-sample loss give the mean (the ordinary gradient,
-divided by ``n``).  The second moment comes from module hooks: each supported layer sees its input
-``a`` and the per-sample output gradient ``δ``, from which ``Σ_k g_k²`` follows per layer —
-``(δ²)ᵀ(a²)`` for a plain ``nn.Linear`` (one extra matrix product), per-sample gradients of one layer
-at a time for convolutions and sequence inputs — so memory is ``O(n × largest layer)``, never
-``n × P``.  Parameters of modules it does not support (or of modules called more than once, or
-shared between modules) are handed to a fallback engine (the vmap reference) within the same call.
+One forward and one backward of the *summed* per-sample loss carry the output gradients ``δ`` of
+every layer; module hooks turn each supported layer's input ``a`` and ``δ`` into ``Σ_k g_k`` and
+``Σ_k g_k²`` of its own parameters — ``δᵀa`` and ``(δ²)ᵀ(a²)`` for a plain ``nn.Linear`` (two matrix
+products), a Gram form for short convolutions and sequences, per-sample gradients of one layer at a
+time otherwise — so memory is ``O(n × largest layer)``, never ``n × P``, and autograd forms no
+weight gradient the rules form again.  :meth:`HookEngine.pair` serves the forget and the retain
+batch with one pass over their concatenation.  Parameters of modules it does not support (or of
+modules called more than once, or shared between modules) are handed to a fallback engine (the
+vmap reference) within the same call.
 
 Supported: ``nn.Linear`` (any leading dims), ``nn.Conv1d``/``nn.Conv2d`` (groups, stride, padding,
 dilation; zero padding), ``nn.Embedding`` (``padding_idx``; not ``max_norm``), the affine parameters

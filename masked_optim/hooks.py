@@ -133,6 +133,18 @@ def _linear(m: nn.Linear, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tenso
     return out
 
 
+def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """:func:`_linear` of ``k`` equal consecutive segments of a 2-d batch at once: ``[k, ...]`` sums
+    from batched products, half the operations of one call per segment."""
+    a3, d3 = a.view(k, -1, a.shape[-1]), d.view(k, -1, d.shape[-1])
+    d2 = d3 * d3
+    dt, d2t = d3.transpose(1, 2), d2.transpose(1, 2)
+    out = {"weight": (torch.bmm(dt, a3), torch.bmm(d2t, a3 * a3))}
+    if m.bias is not None:
+        out["bias"] = (d3.sum(1), d2.sum(1))
+    return out
+
+
 def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     if isinstance(m, nn.Conv1d):
         a, d = a.unsqueeze(2), d.unsqueeze(2)
@@ -294,6 +306,16 @@ class _Tap:
         a = self.input if self.input.dtype in (torch.long, torch.int) else self.input.to(self.acc_dtype)
         d = grad_out.detach().to(self.acc_dtype)
         rule = _RULES[type(self.module)]
+        k, n = len(self.segments), self.segments[0]
+        if k > 1 and rule is _linear and a.dim() == 2 and all(m == n for m in self.segments):
+            for name, (total, sq) in _linear_segments(self.module, a, d, k).items():
+                if name in self.owned:
+                    mean = total.div_(n)
+                    sq.addcmul_(mean, mean, value=-n).clamp_min_(0)
+                    for seg in range(k):
+                        self.results[seg][self.owned[name]] = (mean[seg], sq[seg])
+            self.input = None
+            return
         start = 0
         for seg, n in enumerate(self.segments):
             whole = len(self.segments) == 1

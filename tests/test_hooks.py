@@ -190,11 +190,13 @@ def test_foreign_parameter_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_pair_equals_two_loops(name):
-    """One pass over forget+retain (unequal sizes) gives each batch's own moments."""
-    model, x, y = _setup(name, n=11)
+@pytest.mark.parametrize("split", [4, 6])
+def test_pair_equals_two_loops(name, split):
+    """One pass over forget+retain (unequal sizes, and equal ones: batched segments) gives each batch's
+    own moments."""
+    model, x, y = _setup(name, n=12 if split == 6 else 11)
     params = list(model.parameters())
-    first, second = (x[:4], y[:4]), (x[4:], y[4:])
+    first, second = (x[:split], y[:split]), (x[split:], y[split:])
     got = HookEngine().pair(model, params, first, second)
     for stats, (xb, yb) in zip(got, (first, second)):
         _, lm, lq = loop_moments(model, params, xb, yb)

@@ -285,8 +285,8 @@ class _Tap:
         # for the parameters of the first layers (whose input needs no gradient) and for every leaf
         # the hooks do not own; gradients of module inputs would do too, but they would all be held
         # until the backward ends (measured +150 MiB on a ResNet-18 step)
-        if not x.requires_grad:
-            self.targets.extend(getattr(module, name) for name in self.owned)
+        if not x.requires_grad:  # its bias when it has one: the cheapest gradient to form
+            self.targets.append(getattr(module, "bias" if "bias" in self.owned else next(iter(self.owned))))
         output.register_hook(self.backward_hook)
 
     def backward_hook(self, grad_out: Tensor) -> None:

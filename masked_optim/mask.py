@@ -167,15 +167,20 @@ def _worst_into(
     ``worst`` (and ``scratch``) when given; ``None`` when there is no constraint."""
     first = True
     for mean, m2, sign, coeff in terms:
+        # −sign·u·μ in one pass: 0 − u·μ for the retain side
+        args = (_zero(u), u, mean) if sign > 0 else None
         if first:
-            worst = torch.mul(u, mean) if worst is None else torch.mul(u, mean, out=worst)
-            if sign > 0:
-                worst.neg_()
+            if args is None:
+                worst = torch.mul(u, mean) if worst is None else torch.mul(u, mean, out=worst)
+            else:
+                worst = torch.addcmul(*args, value=-1.0) if worst is None else torch.addcmul(*args, value=-1.0, out=worst)
             first = False
         else:
-            scratch = torch.mul(u, mean) if scratch is None else torch.mul(u, mean, out=scratch)
-            if sign > 0:
-                scratch.neg_()
+            if args is None:
+                scratch = torch.mul(u, mean) if scratch is None else torch.mul(u, mean, out=scratch)
+            else:
+                scratch = (torch.addcmul(*args, value=-1.0) if scratch is None
+                           else torch.addcmul(*args, value=-1.0, out=scratch))
             torch.maximum(worst, scratch, out=worst)
         if coeff:
             if scratch is None:
@@ -184,6 +189,16 @@ def _worst_into(
                 torch.addcmul(m2, mean, mean, value=-1.0 / coeff, out=scratch)
             torch.maximum(worst, scratch, out=worst)
     return None if first else worst
+
+
+_ZEROS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _zero(like: Tensor) -> Tensor:
+    key = (like.device, like.dtype)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros((), device=like.device, dtype=like.dtype)
+    return _ZEROS[key]
 
 
 def _terms(cons: list[Constraint]) -> list[tuple[Tensor, Tensor, int, float]]:

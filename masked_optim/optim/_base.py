@@ -155,6 +155,15 @@ class _GroupMask:
         )
 
 
+def _total(counts: list[Tensor]) -> Tensor:
+    """Exact float64 total of 0-dim counts (each exact in its own dtype)."""
+    if not counts:
+        return torch.zeros((), dtype=torch.float64)
+    if len({(c.dtype, c.device) for c in counts}) == 1:
+        return torch.stack(counts).sum(dtype=torch.float64)
+    return torch.stack([c.double() for c in counts]).sum()
+
+
 def _validate_confidence(value: Any, name: str) -> None:
     if value is None:
         return
@@ -408,11 +417,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             )
             if report.action == "skipped":
                 self._restore_state(snapshot)
-        kept = [
-            None if m is None else (torch.stack([c if c.dtype == torch.float64 else c.double() for c in m.kept]).sum()
-                                    if m.kept else torch.zeros((), dtype=torch.float64))
-            for _, _, _, m in work
-        ]
+        kept = [None if m is None else _total(m.kept) for _, _, _, m in work]
         total = [sum(p.numel() for p in params) for _, params, _, _ in work]
         skipped = report is not None and report.action == "skipped"
         self._raw_diag = _RawDiagnostics(

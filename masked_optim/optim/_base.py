@@ -161,7 +161,7 @@ def _total(counts: list[Tensor]) -> Tensor:
         return torch.zeros((), dtype=torch.float64)
     if len({(c.dtype, c.device) for c in counts}) == 1:
         return torch.stack(counts).sum(dtype=torch.float64)
-    return torch.stack([c.double() for c in counts]).sum()
+    return torch.stack([c.to(counts[0].device, torch.float64) for c in counts]).sum()
 
 
 def _validate_confidence(value: Any, name: str) -> None:

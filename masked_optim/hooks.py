@@ -469,7 +469,9 @@ class HookEngine:
                 h.remove()
         again = {i for t in taps if t.calls > 1 for i in t.owned.values()}
         outs = []
-        start = 0
+        flat_losses = losses.detach().float()
+        seg_losses = (flat_losses.view(len(segments), -1).mean(1) if len(set(segments)) == 1
+                      else torch.stack([flat_losses[a : a + n].mean() for a, n in zip(_starts(segments), segments)]))
         for seg, n in enumerate(segments):
             means: list[Tensor | None] = [None] * len(params)
             m2s: list[Tensor | None] = [None] * len(params)
@@ -480,9 +482,16 @@ class HookEngine:
                 if means[i] is None:  # unused here, or left to the fallback
                     means[i] = torch.zeros_like(p, dtype=dtypes[i])
                     m2s[i] = torch.zeros_like(p, dtype=dtypes[i])
-            outs.append((means, m2s, losses[start : start + n].detach().float().mean()))
-            start += n
+            outs.append((means, m2s, seg_losses[seg]))
         return outs, again  # type: ignore[return-value]
+
+
+def _starts(segments: list[int]) -> list[int]:
+    out, start = [], 0
+    for n in segments:
+        out.append(start)
+        start += n
+    return out
 
 
 def _concatenable(parsed: list[tuple[tuple[Tensor, ...], Tensor, int]]) -> bool:

@@ -65,7 +65,7 @@ class _RawDiagnostics:
     skipped: bool
     reason: str | None
     direction: str
-    kept: list[Tensor | None]
+    kept: list[list[Tensor] | None]  # per group: kept counts (0-dim) or masks, summed when read
     total: list[int]
     n_forget: int
     n_retain: int
@@ -81,7 +81,7 @@ class _RawDiagnostics:
                 per_group.append(1.0)
                 kept_all += t
             else:
-                kv = float(k)
+                kv = float(_total(k))
                 per_group.append(kv / t)
                 kept_all += kv
             total_all += t
@@ -97,6 +97,9 @@ class _RawDiagnostics:
             retain_loss=None if self.retain_loss is None else float(self.retain_loss),
             certificate=self.certificate,
         )
+
+
+_LAZY_MAX = 1 << 16  # elements: masks up to this size are counted when diagnostics are read
 
 
 class _GroupMask:
@@ -123,12 +126,13 @@ class _GroupMask:
             self.pending.append((i, param, u.clone(), lr))
             return
         cons = [c[i] for c in (self.forget, self.retain) if c]
-        if not self.soft and all(c.q >= 0 for c in cons):
+        if not self.soft and all(c.q >= 0 for c in cons) and u.numel() > _LAZY_MAX:
             self.kept.append(masked_add_(param, u, cons, -lr))  # fused, cache-sized chunks on CPU
             return
         m = self.single(i, u)
         param.addcmul_(u, m, value=-lr)
-        self.kept.append(m.sum())
+        # small masks are kept and counted only if the diagnostics are read
+        self.kept.append(m if u.numel() <= _LAZY_MAX else m.sum())
 
     def apply_many(self, idx: Sequence[int], params: list[Tensor], us: list[Tensor], lr: float) -> None:
         if self.defer:
@@ -156,9 +160,10 @@ class _GroupMask:
 
 
 def _total(counts: list[Tensor]) -> Tensor:
-    """Exact float64 total of 0-dim counts (each exact in its own dtype)."""
+    """Exact float64 total of 0-dim counts (each exact in its own dtype) and of masks."""
     if not counts:
         return torch.zeros((), dtype=torch.float64)
+    counts = [c if c.dim() == 0 else c.sum(dtype=torch.float64) for c in counts]
     if len({(c.dtype, c.device) for c in counts}) == 1:
         return torch.stack(counts).sum(dtype=torch.float64)
     return torch.stack([c.to(counts[0].device, torch.float64) for c in counts]).sum()
@@ -417,7 +422,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             )
             if report.action == "skipped":
                 self._restore_state(snapshot)
-        kept = [None if m is None else _total(m.kept) for _, _, _, m in work]
+        kept = [None if m is None else m.kept for _, _, _, m in work]
         total = [sum(p.numel() for p in params) for _, params, _, _ in work]
         skipped = report is not None and report.action == "skipped"
         self._raw_diag = _RawDiagnostics(

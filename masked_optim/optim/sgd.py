@@ -210,6 +210,8 @@ def _single_tensor_masked_sgd(
             if buf is None:
                 buf = grad.detach() if fresh else grad.detach().clone()
                 momentum_buffer_list[i] = buf
+            elif dampening == 0:
+                torch.add(grad, buf, alpha=momentum, out=buf)  # buf ← m·buf + g in one pass
             else:
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf

@@ -136,13 +136,18 @@ def validate_batch(batch: Batch, name: str = "batch") -> tuple[tuple[Tensor, ...
 @contextlib.contextmanager
 def eval_behaviour(model: nn.Module) -> Iterator[None]:
     """Run ``model`` in eval mode inside the block and restore every submodule's own mode after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    if any(type(m).train is not nn.Module.train for m in modules):
+        model.eval()  # a module with its own train(): let it see the switch
+    else:
+        for m in modules:  # the same as model.eval(), without its per-module overhead
+            m.__dict__["training"] = False
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, training in zip(modules, modes):
+            m.__dict__["training"] = training
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

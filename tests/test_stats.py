@@ -186,3 +186,28 @@ def test_memory_budget_too_small_is_a_clear_error():
     model = nn.Linear(100, 10)
     with pytest.raises(MemoryError, match="memory_budget"):
         VmapEngine(memory_budget=1000)(model, list(model.parameters()), (torch.randn(3, 100), torch.zeros(3, dtype=torch.long)))
+
+
+def test_eval_behaviour_switches_and_restores_modes():
+    from masked_optim.stats import eval_behaviour
+
+    class Frozen(nn.Module):
+        """Overrides train(): eval_behaviour must go through it."""
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+            self.bn = nn.BatchNorm1d(2)
+
+        def train(self, mode=True):
+            self.calls.append(mode)
+            return super().train(mode)
+
+    plain = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.BatchNorm1d(2))
+    plain[1].eval()  # a submodule with its own mode
+    for model in (plain, nn.Sequential(Frozen(), nn.Dropout())):
+        before = [m.training for m in model.modules()]
+        with eval_behaviour(model):
+            assert not any(m.training for m in model.modules())
+        assert [m.training for m in model.modules()] == before
+    assert model[0].calls == [False]

@@ -5,7 +5,7 @@ every layer; module hooks turn each supported layer's input ``a`` and ``δ`` int
 ``Σ_k g_k²`` of its own parameters — ``δᵀa`` and ``(δ²)ᵀ(a²)`` for a plain ``nn.Linear`` (two matrix
 products), a Gram form for short convolutions and sequences, per-sample gradients of one layer at a
 time otherwise — so memory is ``O(n × largest layer)``, never ``n × P``, and autograd forms no
-weight gradient the rules form again.  :meth:`HookEngine.pair` serves the forget and the retain
+weight gradient the rules form again (but a first layer's without a bias, to reach it).  :meth:`HookEngine.pair` serves the forget and the retain
 batch with one pass over their concatenation.  Parameters of modules it does not support (or of
 modules called more than once, or shared between modules) are handed to a fallback engine (the
 vmap reference) within the same call.

@@ -191,9 +191,12 @@ def test_foreign_parameter_is_a_clear_error():
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("split", [4, 6])
-def test_pair_equals_two_loops(name, split):
+@pytest.mark.parametrize("in_hook", [False, True])
+def test_pair_equals_two_loops(name, split, in_hook, monkeypatch):
     """One pass over forget+retain (unequal sizes, and equal ones: batched segments) gives each batch's
-    own moments."""
+    own moments, whether the layer rules run after the backward or inside it."""
+    if in_hook:
+        monkeypatch.setattr(hooks, "_DEFER_MAX", 0)
     model, x, y = _setup(name, n=12 if split == 6 else 11)
     params = list(model.parameters())
     first, second = (x[:split], y[:split]), (x[split:], y[split:])

@@ -58,7 +58,7 @@ _CACHE_RESIDENT = 1 << 22  # elements; above this, B per-sample gradients at onc
 _DEFER_MAX = 1 << 16
 
 _GRAM_MAX_INNER = 4  # contraction lengths up to this use the Gram form (see _gram_sum_sq)
-_TRIU: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+_TRIU: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
 
 def _sample_major(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,10 +79,11 @@ def _gram_sum_sq(left: Tensor, right: Tensor) -> Tensor:
     length = left.shape[-1]
     if length == 1:
         return torch.matmul(*_sample_major(left.square(), right.square()))
-    if length not in _TRIU:
-        iu = torch.triu_indices(length, length)
-        _TRIU[length] = (iu[0], iu[1], torch.where(iu[0] == iu[1], 1.0, 2.0))
-    i, j, w = (v.to(left.device) for v in _TRIU[length])
+    key = (length, left.device)
+    if key not in _TRIU:  # cached per device: no host-to-device copies per layer and step
+        iu = torch.triu_indices(length, length, device=left.device)
+        _TRIU[key] = (iu[0], iu[1], torch.where(iu[0] == iu[1], 1.0, 2.0).to(left.device))
+    i, j, w = _TRIU[key]
     x = left[..., i] * left[..., j] * w.to(left.dtype)  # [B, *, O, T]
     rt = right.transpose(-1, -2)
     y = (rt[..., i] * rt[..., j]).transpose(-1, -2)  # [B, *, T, K]

@@ -134,9 +134,11 @@ def _linear(m: nn.Linear, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tenso
     return out
 
 
-def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tuple[Tensor, Tensor]]:
+def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tuple[Tensor, Tensor]] | None:
     """:func:`_linear` of ``k`` equal consecutive segments of a 2-d batch at once: ``[k, ...]`` sums
-    from batched products, half the operations of one call per segment."""
+    from batched products, half the operations of one call per segment (``None``: not 2-d)."""
+    if a.dim() != 2:
+        return None
     a3, d3 = a.view(k, -1, a.shape[-1]), d.view(k, -1, d.shape[-1])
     d2 = d3 * d3
     dt, d2t = d3.transpose(1, 2), d2.transpose(1, 2)
@@ -242,6 +244,11 @@ _RULES: dict[type, Callable[[nn.Module, Tensor, Tensor], dict[str, tuple[Tensor,
     nn.BatchNorm3d: _batch_norm,
 }
 
+# Rules that take k equal consecutive segments at once ([k, ...] sums), or return None when they cannot.
+_SEGMENT_RULES: dict[type, Callable[[nn.Module, Tensor, Tensor, int], dict[str, tuple[Tensor, Tensor]] | None]] = {
+    nn.Linear: _linear_segments,
+}
+
 
 def supports(module: nn.Module) -> bool:
     """Whether :class:`HookEngine` computes this module's own parameters' statistics itself."""
@@ -306,28 +313,31 @@ class _Tap:
                 return
         a = self.input if self.input.dtype in (torch.long, torch.int) else self.input.to(self.acc_dtype)
         d = grad_out.detach().to(self.acc_dtype)
-        rule = _RULES[type(self.module)]
+        self.input = None  # release the activation as soon as it is used
         k, n = len(self.segments), self.segments[0]
-        if k > 1 and rule is _linear and a.dim() == 2 and all(m == n for m in self.segments):
-            for name, (total, sq) in _linear_segments(self.module, a, d, k).items():
+        batched = _SEGMENT_RULES.get(type(self.module)) if k > 1 and all(m == n for m in self.segments) else None
+        stacked = batched(self.module, a, d, k) if batched is not None else None
+        if stacked is not None:  # every segment at once: [k, ...] sums
+            for name, (total, sq) in stacked.items():
                 if name in self.owned:
-                    mean = total.div_(n)
-                    sq.addcmul_(mean, mean, value=-n).clamp_min_(0)
+                    mean, m2 = _moments(total, sq, n)
                     for seg in range(k):
-                        self.results[seg][self.owned[name]] = (mean[seg], sq[seg])
-            self.input = None
+                        self.results[seg][self.owned[name]] = (mean[seg], m2[seg])
             return
+        rule = _RULES[type(self.module)]
         start = 0
         for seg, n in enumerate(self.segments):
-            whole = len(self.segments) == 1
-            for name, (total, sq) in rule(self.module, a if whole else a[start : start + n], d if whole else d[start : start + n]).items():
+            for name, (total, sq) in rule(self.module, a[start : start + n], d[start : start + n]).items():
                 if name in self.owned:
-                    # mean and M2 = Σg² − n·μ² in place, while this layer's sums are still in cache
-                    # (the clamp absorbs the rounding of a near-constant coordinate)
-                    mean = total.div_(n)
-                    self.results[seg][self.owned[name]] = (mean, sq.addcmul_(mean, mean, value=-n).clamp_min_(0))
+                    self.results[seg][self.owned[name]] = _moments(total, sq, n)
             start += n
-        self.input = None  # release the activation as soon as it is used
+
+
+def _moments(total: Tensor, sq: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Mean and M2 = Σg² − n·μ² from fresh sums, in place while the layer's sums are still in cache
+    (the clamp absorbs the rounding of a near-constant coordinate)."""
+    mean = total.div_(n)
+    return mean, sq.addcmul_(mean, mean, value=-n).clamp_min_(0)
 
 
 class HookEngine:

@@ -205,13 +205,6 @@ def _terms(cons: list[Constraint]) -> list[tuple[Tensor, Tensor, int, float]]:
     return [(c.mean, c.m2, c.sign, c.coeff) for c in cons]
 
 
-def _keep_mask(u: Tensor, terms: list[tuple[Tensor, Tensor, int, float]]) -> Tensor:
-    """:func:`_fast_keep` from precomputed ``(μ, M2, sign, coeff)`` terms (at least one), in ``u``'s dtype."""
-    worst = _worst_into(u, terms, None, None)
-    m = torch.lt(worst, 0, out=worst)  # type: ignore[arg-type]
-    return m if m.dtype == u.dtype else m.to(u.dtype)
-
-
 def _fast_keep(u: Tensor, cons: list[Constraint]) -> Tensor:
     """0/1 mask for thresholds ``q ≥ 0`` in few passes: coordinate i is kept iff
 

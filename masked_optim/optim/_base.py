@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..mask import Constraint, _keep_mask, feasibility_mask, feasibility_masks, masked_add_, quantile
+from ..mask import Constraint, feasibility_mask, feasibility_masks, masked_add_, quantile
 from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
 from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, unwrap_model, validate_batch
@@ -113,10 +113,8 @@ class _GroupMask:
         self.forget, self.retain, self.soft, self.defer = forget, retain, soft, defer
         self.kept: list[Tensor] = []
         self.pending: list[tuple[int, Tensor, Tensor, float]] = []
-        # the hard mask with thresholds q >= 0 (the common case): the per-side constants once per
-        # group, not once per parameter
-        sides = [(c, c[0].sign, c[0].coeff) for c in (forget, retain) if c]
-        self._hard = None if soft or any(c[0].q < 0 for c, _, _ in sides) or not sides else sides
+        # masked_add_'s fused update needs a hard mask with thresholds q >= 0 (one q per side)
+        self._fused = not soft and all(side[0].q >= 0 for side in (forget, retain) if side)
 
     def shifted(self, delta: float) -> _GroupMask:
         """The same tests with every threshold raised by ``delta``."""
@@ -129,13 +127,8 @@ class _GroupMask:
         if self.defer:
             self.pending.append((i, param, u.clone(), lr))
             return
-        if self._hard is not None:
-            if u.numel() > _LAZY_MAX:  # fused, cache-sized chunks on CPU
-                self.kept.append(masked_add_(param, u, [c[i] for c, _, _ in self._hard], -lr))
-                return
-            m = _keep_mask(u, [(c[i].mean, c[i].m2, sign, coeff) for c, sign, coeff in self._hard])
-            param.addcmul_(u, m, value=-lr)
-            self.kept.append(m)  # counted only if the diagnostics are read
+        if self._fused and u.numel() > _LAZY_MAX:  # cache-sized chunks on CPU
+            self.kept.append(masked_add_(param, u, [c[i] for c in (self.forget, self.retain) if c], -lr))
             return
         m = self.single(i, u)
         param.addcmul_(u, m, value=-lr)

@@ -530,11 +530,6 @@ class ProbablyAlignedOptimizer(Optimizer):
         self, params: list[Tensor], stats_f: GradStats | None, stats_r: GradStats | None
     ) -> dict[int, Tensor]:
         out = {}
-        if (
-            stats_r is not None and stats_f is not None and self.retain_weight == 1
-            and all(p.dtype == r.dtype == f.dtype for p, r, f in zip(params, stats_r.mean, stats_f.mean))
-        ):  # the common case in one call (one op per parameter less Python on a CPU)
-            return {id(p): g for p, g in zip(params, torch._foreach_sub(stats_r.mean, stats_f.mean, alpha=self.forget_weight))}
         for i, p in enumerate(params):
             r = stats_r.mean[i].to(p.dtype) if stats_r is not None else None
             f = stats_f.mean[i].to(p.dtype) if stats_f is not None else None

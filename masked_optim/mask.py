@@ -167,26 +167,17 @@ def _worst_into(
     ``worst`` (and ``scratch``) when given; ``None`` when there is no constraint."""
     first = True
     for mean, m2, sign, coeff in terms:
-        # −sign·u·μ in one pass: 0 − u·μ for the retain side
-        args = (_zero(u), u, mean) if sign > 0 else None
+        out = worst if first else scratch
+        # −sign·u·μ in one pass (0 − u·μ for the retain side); out=None allocates
+        bad = (torch.addcmul(_zero(u), u, mean, value=-1.0, out=out) if sign > 0
+               else torch.mul(u, mean, out=out))
         if first:
-            if args is None:
-                worst = torch.mul(u, mean) if worst is None else torch.mul(u, mean, out=worst)
-            else:
-                worst = torch.addcmul(*args, value=-1.0) if worst is None else torch.addcmul(*args, value=-1.0, out=worst)
-            first = False
+            worst, first = bad, False
         else:
-            if args is None:
-                scratch = torch.mul(u, mean) if scratch is None else torch.mul(u, mean, out=scratch)
-            else:
-                scratch = (torch.addcmul(*args, value=-1.0) if scratch is None
-                           else torch.addcmul(*args, value=-1.0, out=scratch))
+            scratch = bad
             torch.maximum(worst, scratch, out=worst)
         if coeff:
-            if scratch is None:
-                scratch = torch.addcmul(m2, mean, mean, value=-1.0 / coeff)
-            else:
-                torch.addcmul(m2, mean, mean, value=-1.0 / coeff, out=scratch)
+            scratch = torch.addcmul(m2, mean, mean, value=-1.0 / coeff, out=scratch)
             torch.maximum(worst, scratch, out=worst)
     return None if first else worst
 

@@ -325,12 +325,10 @@ class _Tap:
                         self.results[seg][self.owned[name]] = (mean[seg], m2[seg])
             return
         rule = _RULES[type(self.module)]
-        start = 0
-        for seg, n in enumerate(self.segments):
-            for name, (total, sq) in rule(self.module, a[start : start + n], d[start : start + n]).items():
+        for seg, (a_s, d_s) in enumerate(zip(a.split(self.segments), d.split(self.segments))):
+            for name, (total, sq) in rule(self.module, a_s, d_s).items():
                 if name in self.owned:
-                    self.results[seg][self.owned[name]] = _moments(total, sq, n)
-            start += n
+                    self.results[seg][self.owned[name]] = _moments(total, sq, a_s.shape[0])
 
 
 def _moments(total: Tensor, sq: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -480,29 +478,16 @@ class HookEngine:
                 h.remove()
         again = {i for t in taps if t.calls > 1 for i in t.owned.values()}
         outs = []
-        flat_losses = losses.detach().float()
-        seg_losses = (flat_losses.view(len(segments), -1).mean(1) if len(set(segments)) == 1
-                      else torch.stack([flat_losses[a : a + n].mean() for a, n in zip(_starts(segments), segments)]))
-        for seg, n in enumerate(segments):
-            means: list[Tensor | None] = [None] * len(params)
-            m2s: list[Tensor | None] = [None] * len(params)
-            for i, r in enumerate(results[seg]):
-                if r is not None and i not in again:
-                    means[i], m2s[i] = r
-            for i, p in enumerate(params):
-                if means[i] is None:  # unused here, or left to the fallback
-                    means[i] = torch.zeros_like(p, dtype=dtypes[i])
-                    m2s[i] = torch.zeros_like(p, dtype=dtypes[i])
+        seg_losses = [part.mean() for part in losses.detach().float().split(segments)]
+        for seg in range(len(segments)):
+            means, m2s = [], []
+            for i, (p, r) in enumerate(zip(params, results[seg])):
+                if r is None or i in again:  # unused here, or left to the fallback
+                    r = (torch.zeros_like(p, dtype=dtypes[i]), torch.zeros_like(p, dtype=dtypes[i]))
+                means.append(r[0])
+                m2s.append(r[1])
             outs.append((means, m2s, seg_losses[seg]))
         return outs, again  # type: ignore[return-value]
-
-
-def _starts(segments: list[int]) -> list[int]:
-    out, start = [], 0
-    for n in segments:
-        out.append(start)
-        start += n
-    return out
 
 
 def _concatenable(parsed: list[tuple[tuple[Tensor, ...], Tensor, int]]) -> bool:

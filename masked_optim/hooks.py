@@ -417,7 +417,7 @@ class HookEngine:
                 xs = tuple(torch.cat(parts) for parts in zip(*(p[0] for p in parsed)))
                 y = torch.cat([p[1] for p in parsed])
                 outs, reused = self._pass(model, params, owned, xs, y, [p[2] for p in parsed], loss_fn)
-                for acc, (xs_, _, n), out in zip(accs, parsed, outs):
+                for acc, (_, _, n), out in zip(accs, parsed, outs):
                     _merge_into(acc, n, *out)
             else:
                 for acc, (xs, y, n) in zip(accs, parsed):

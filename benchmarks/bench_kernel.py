@@ -88,12 +88,14 @@ def build(total: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
 
 
 def variants(t: dict[str, Any]) -> dict[str, Any]:
-    from masked_optim.optim._base import _GroupMask
+    from masked_optim.optim._base import _GroupMask, _Side
     from masked_optim.optim.adam import masked_adam
     from masked_optim.optim.sgd import masked_sgd
 
     params, grads = t["params"], t["grads"]
-    mask = _GroupMask(t["forget"], t["retain"], False)
+    sides = [_Side([c.mean for c in cons], [c.m2 for c in cons], cons[0].n, cons[0].q, cons[0].sign)
+             for cons in (t["forget"], t["retain"])]
+    mask = _GroupMask(*sides, False)
     idx = list(range(len(params)))
     sgd = torch.optim.SGD(params, lr=1e-6, momentum=0.9, weight_decay=5e-4, foreach=True)
     adam = torch.optim.Adam(params, lr=1e-6, foreach=True)

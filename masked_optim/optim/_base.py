@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..mask import Constraint, feasibility_mask, feasibility_masks, masked_add_, quantile
+from ..mask import Constraint, Term, _keep, _masked_add_terms, feasibility_mask, feasibility_masks, quantile
 from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
 from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, unwrap_model, validate_batch
@@ -102,38 +102,58 @@ class _RawDiagnostics:
 _LAZY_MAX = 1 << 16  # elements: masks up to this size are counted when diagnostics are read
 
 
+class _Side:
+    """One side's test for a list of parameters: moments of one batch, threshold ``q`` and sign;
+    ``[i]`` is parameter ``i``'s :class:`Constraint`, ``term(i)`` the form the hard mask reads."""
+
+    __slots__ = ("means", "m2s", "n", "q", "sign", "coeff")
+
+    def __init__(self, means: list[Tensor], m2s: list[Tensor], n: int, q: float, sign: int) -> None:
+        self.means, self.m2s, self.n, self.q, self.sign = means, m2s, n, q, sign
+        self.coeff = Constraint(means[0], m2s[0], n, q, sign).coeff if means else 0.0
+
+    def __getitem__(self, i: int) -> Constraint:
+        return Constraint(self.means[i], self.m2s[i], self.n, self.q, self.sign)
+
+    def term(self, i: int) -> Term:
+        return self.means[i], self.m2s[i], self.sign, self.coeff
+
+    def shifted(self, delta: float) -> _Side:
+        return _Side(self.means, self.m2s, self.n, self.q + delta, self.sign)
+
+
 class _GroupMask:
     """Per-group mask inputs (``None``: that constraint is not tested). The update functionals hand
     it ``u`` and it applies ``θ ← θ − lr·m⊙u``, recording the kept counts; when ``defer`` is set it
     only records ``u`` so that the whole step can be certified before anything moves."""
 
-    def __init__(
-        self, forget: list[Constraint] | None, retain: list[Constraint] | None, soft: bool, defer: bool = False
-    ) -> None:
+    def __init__(self, forget: _Side | None, retain: _Side | None, soft: bool, defer: bool = False) -> None:
         self.forget, self.retain, self.soft, self.defer = forget, retain, soft, defer
         self.kept: list[Tensor] = []
         self.pending: list[tuple[int, Tensor, Tensor, float]] = []
         # masked_add_'s fused update needs a hard mask with thresholds q >= 0 (one q per side)
-        self._fused = not soft and all(side[0].q >= 0 for side in (forget, retain) if side)
+        self._fused = not soft and all(side.q >= 0 for side in (forget, retain) if side)
 
     def shifted(self, delta: float) -> _GroupMask:
         """The same tests with every threshold raised by ``delta``."""
-        def shift(cons: list[Constraint] | None) -> list[Constraint] | None:
-            return None if cons is None else [dataclasses.replace(c, q=c.q + delta) for c in cons]
-
-        return _GroupMask(shift(self.forget), shift(self.retain), self.soft)
+        return _GroupMask(*(None if s is None else s.shifted(delta) for s in (self.forget, self.retain)), self.soft)
 
     def apply_single(self, i: int, param: Tensor, u: Tensor, lr: float) -> None:
         if self.defer:
             self.pending.append((i, param, u.clone(), lr))
             return
-        if self._fused and u.numel() > _LAZY_MAX:  # cache-sized chunks on CPU
-            self.kept.append(masked_add_(param, u, [c[i] for c in (self.forget, self.retain) if c], -lr))
+        if not self._fused:
+            m = self.single(i, u)
+            param.addcmul_(u, m, value=-lr)
+            self.kept.append(m if u.numel() <= _LAZY_MAX else m.sum())
             return
-        m = self.single(i, u)
+        terms = [side.term(i) for side in (self.forget, self.retain) if side]
+        if u.numel() > _LAZY_MAX:  # cache-sized chunks on CPU
+            self.kept.append(_masked_add_terms(param, u, terms, -lr))
+            return
+        m = _keep(u, terms)
         param.addcmul_(u, m, value=-lr)
-        # small masks are kept and counted only if the diagnostics are read
-        self.kept.append(m if u.numel() <= _LAZY_MAX else m.sum())
+        self.kept.append(m)  # small masks are kept and counted only if the diagnostics are read
 
     def apply_many(self, idx: Sequence[int], params: list[Tensor], us: list[Tensor], lr: float) -> None:
         if self.defer:
@@ -529,18 +549,22 @@ class ProbablyAlignedOptimizer(Optimizer):
     def _stats_direction(
         self, params: list[Tensor], stats_f: GradStats | None, stats_r: GradStats | None
     ) -> dict[int, Tensor]:
+        """``retain_weight·μ_r − forget_weight·μ_f`` per parameter, as fresh tensors."""
         out = {}
         for i, p in enumerate(params):
-            r = stats_r.mean[i].to(p.dtype) if stats_r is not None else None
-            f = stats_f.mean[i].to(p.dtype) if stats_f is not None else None
-            if r is not None and f is not None:
-                g = torch.sub(r, f, alpha=self.forget_weight) if self.retain_weight == 1 else r * self.retain_weight - f * self.forget_weight
-            elif r is not None:
-                g = r * self.retain_weight
-            else:
-                g = f * -self.forget_weight  # type: ignore[operator]
-            out[id(p)] = g
+            r = None if stats_r is None else _as(stats_r.mean[i], p.dtype)
+            f = None if stats_f is None else _as(stats_f.mean[i], p.dtype)
+            out[id(p)] = self._combine(r, f)
         return out
+
+    def _combine(self, r: Tensor | None, f: Tensor | None) -> Tensor:
+        if r is not None and f is not None:
+            if self.retain_weight == 1:
+                return torch.sub(r, f, alpha=self.forget_weight)
+            return r * self.retain_weight - f * self.forget_weight
+        if r is not None:
+            return r * self.retain_weight
+        return f * -self.forget_weight  # type: ignore[operator]
 
     def _group_mask(
         self,
@@ -552,16 +576,15 @@ class ProbablyAlignedOptimizer(Optimizer):
         test_f: bool,
         test_r: bool,
     ) -> _GroupMask | None:
-        sides = []
+        sides: list[_Side | None] = []
         for side, stats, tested, sign in (("forget", stats_f, test_f, -1), ("retain", stats_r, test_r, 1)):
             c = self._effective(group, side)
             if not tested or c is None or stats is None:
                 sides.append(None)
                 continue
             q = quantile(c, stats.n, group["quantile"])
-            sides.append(
-                [Constraint(stats.mean[index[id(p)]], stats.m2[index[id(p)]], stats.n, q, sign) for p in params]
-            )
+            idx = [index[id(p)] for p in params]
+            sides.append(_Side([stats.mean[i] for i in idx], [stats.m2[i] for i in idx], stats.n, q, sign))
         if sides[0] is None and sides[1] is None:
             return None
         return _GroupMask(sides[0], sides[1], group["soft"])
@@ -601,10 +624,15 @@ def _all_finite(tensors: list[Tensor]) -> bool:
         # NaN and ±Inf survive a sum (inf − inf is NaN): one parallel reduction per tensor, 5x faster
         # on CPU than an L1 norm. Only finite values summing past the float range (~3e38) can fail it
         # without a non-finite entry, so a failure is confirmed exactly.
-        if not bool(torch.stack([t.sum(dtype=_acc_dtype(t.dtype)) for t in ts]).isfinite().all()):
-            if not all(bool(torch.isfinite(t).all()) for t in ts):
-                return False
+        sums = [t.sum(dtype=_acc_dtype(t.dtype)) for t in ts]
+        total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        if not math.isfinite(total.item()) and not all(bool(torch.isfinite(t).all()) for t in ts):
+            return False
     return True
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:

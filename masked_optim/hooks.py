@@ -276,9 +276,10 @@ class _Tap:
         results: list[list[tuple[Tensor, Tensor] | None]],
         targets: list[Tensor],
         acc_dtype: torch.dtype,
+        sq: bool = False,
     ) -> None:
         self.module, self.owned, self.segments, self.results = module, owned, segments, results
-        self.targets, self.acc_dtype = targets, acc_dtype
+        self.targets, self.acc_dtype, self.sq = targets, acc_dtype, sq
         self.calls = 0
         self.input: Tensor | None = None
         self.deferred: Tensor | None = None
@@ -320,7 +321,7 @@ class _Tap:
         if stacked is not None:  # every segment at once: [k, ...] sums
             for name, (total, sq) in stacked.items():
                 if name in self.owned:
-                    mean, m2 = _moments(total, sq, n)
+                    mean, m2 = _moments(total, sq, n, self.sq)
                     for seg in range(k):
                         self.results[seg][self.owned[name]] = (mean[seg], m2[seg])
             return
@@ -328,14 +329,14 @@ class _Tap:
         for seg, (a_s, d_s) in enumerate(zip(a.split(self.segments), d.split(self.segments))):
             for name, (total, sq) in rule(self.module, a_s, d_s).items():
                 if name in self.owned:
-                    self.results[seg][self.owned[name]] = _moments(total, sq, a_s.shape[0])
+                    self.results[seg][self.owned[name]] = _moments(total, sq, a_s.shape[0], self.sq)
 
 
-def _moments(total: Tensor, sq: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def _moments(total: Tensor, sq: Tensor, n: int, keep_sq: bool = False) -> tuple[Tensor, Tensor]:
     """Mean and M2 = Σg² − n·μ² from fresh sums, in place while the layer's sums are still in cache
-    (the clamp absorbs the rounding of a near-constant coordinate)."""
+    (the clamp absorbs the rounding of a near-constant coordinate); with ``keep_sq``, mean and Σg²."""
     mean = total.div_(n)
-    return mean, sq.addcmul_(mean, mean, value=-n).clamp_min_(0)
+    return mean, sq if keep_sq else sq.addcmul_(mean, mean, value=-n).clamp_min_(0)
 
 
 class HookEngine:
@@ -399,9 +400,21 @@ class HookEngine:
         first_stats, second_stats = self._run(model, list(params), [first, second], loss_fn)
         return first_stats, second_stats
 
+    def _pair_sq(
+        self, model: nn.Module, params: Sequence[Tensor], first: Batch, second: Batch, loss_fn: LossFn | None = None
+    ) -> tuple[GradStats, GradStats] | None:
+        """:meth:`pair` whose ``m2`` lists hold ``Σ_k g_k²`` instead of M2, saving two passes over every
+        parameter's statistics; for the optimizers' hard mask, which reads ``Σg²`` with an adjusted
+        threshold. ``None`` when the batches would not go through one pass together."""
+        if self.chunk_size is not None or not _concatenable([validate_batch(b) for b in (first, second)]):
+            return None
+        first_stats, second_stats = self._run(model, list(params), [first, second], loss_fn, sq=True)
+        return first_stats, second_stats
+
     def _run(
-        self, model: nn.Module, params: list[Tensor], batches: list[Batch], loss_fn: LossFn | None
+        self, model: nn.Module, params: list[Tensor], batches: list[Batch], loss_fn: LossFn | None, sq: bool = False
     ) -> list[GradStats]:
+        """Statistics of each batch; ``sq``: ``Σg²`` in place of M2 (one concatenated pass only)."""
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
         parsed = [validate_batch(b) for b in batches]
         owned, rest = self.plan(model, params)
@@ -416,7 +429,7 @@ class HookEngine:
             if len(parsed) > 1 and self.chunk_size is None and _concatenable(parsed):
                 xs = tuple(torch.cat(parts) for parts in zip(*(p[0] for p in parsed)))
                 y = torch.cat([p[1] for p in parsed])
-                outs, reused = self._pass(model, params, owned, xs, y, [p[2] for p in parsed], loss_fn)
+                outs, reused = self._pass(model, params, owned, xs, y, [p[2] for p in parsed], loss_fn, sq)
                 for acc, (_, _, n), out in zip(accs, parsed, outs):
                     _merge_into(acc, n, *out)
             else:
@@ -439,7 +452,8 @@ class HookEngine:
             for acc, batch in zip(accs, batches):
                 sub = self.fallback(model, sub_params, batch, loss_fn)
                 for j, i in enumerate(rest):
-                    acc.mean[i], acc.m2[i] = sub.mean[j], sub.m2[j]
+                    acc.mean[i] = sub.mean[j]
+                    acc.m2[i] = torch.addcmul(sub.m2[j], sub.mean[j], sub.mean[j], value=acc.n) if sq else sub.m2[j]
         return accs
 
     def _pass(
@@ -451,6 +465,7 @@ class HookEngine:
         y: Tensor,
         segments: list[int],
         loss_fn: LossFn,
+        sq: bool = False,
     ) -> tuple[list[tuple[list[Tensor], list[Tensor], Tensor]], set[int]]:
         """One forward+backward; per segment ``(means, m2s, mean loss)``, and the parameters of
         modules that turned out to be called more than once (left to the fallback)."""
@@ -460,7 +475,7 @@ class HookEngine:
         hooked = {id(params[i]) for names in owned.values() for i in names.values()}
         targets += [p for p in model.parameters() if p.requires_grad and id(p) not in hooked]
         taps = [
-            _Tap(mod, names, segments, results, targets, dtypes[next(iter(names.values()))])
+            _Tap(mod, names, segments, results, targets, dtypes[next(iter(names.values()))], sq)
             for mod, names in owned.items()
         ]
         handles = [t.module.register_forward_hook(t.forward_hook) for t in taps]

@@ -245,3 +245,23 @@ def test_frozen_first_layer_and_bias_free_layers():
     fast = HookEngine(fallback=None)(model, params, (x, y))
     _, lm, lq = loop_moments(model, params, x, y)
     torch.testing.assert_close(fast.m2[0].double(), lq[0], rtol=1e-4, atol=1e-6)
+
+
+def test_pair_sq_holds_square_sums():
+    """``_pair_sq``: the means of ``pair`` and Σg² = M2 + n·μ² (float64 loop), also for parameters
+    left to the fallback; ``None`` when the batches do not go through one pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), Scaled(7), nn.Tanh(), nn.Linear(7, 3))
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(1)
+    fb = (torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g))
+    rb = (torch.randn(9, 5, generator=g), torch.randint(0, 3, (9,), generator=g))
+    sf, sr = HookEngine()._pair_sq(model, params, fb, rb)
+    for stats, batch in ((sf, fb), (sr, rb)):
+        n, means, m2s = loop_moments(model, params, *batch)
+        assert stats.n == n
+        for mean, sq, ref_mean, ref_m2 in zip(stats.mean, stats.m2, means, m2s):
+            torch.testing.assert_close(mean.double(), ref_mean, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(sq.double(), ref_m2 + n * ref_mean**2, atol=1e-6, rtol=1e-5)
+    assert HookEngine(chunk_size=4)._pair_sq(model, params, fb, rb) is None
+    assert HookEngine()._pair_sq(model, params, fb, (rb[0].double(), rb[1])) is None

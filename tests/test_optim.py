@@ -11,6 +11,7 @@ from torch import nn
 
 from masked_optim import (
     GradStats,
+    HookEngine,
     ProbablyAlignedAdam,
     ProbablyAlignedAdamW,
     ProbablyAlignedSGD,
@@ -477,3 +478,59 @@ def test_no_batches_no_grads_is_a_noop():
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert opt.diagnostics.direction == "none"
+
+
+@pytest.mark.parametrize("c", [0.5, 0.7, 0.8])
+def test_masked_default_direction_matches_loop_reference(c):
+    """The default step (statistics direction; the hook engine hands the mask Σg² in place of M2, read
+    with an adjusted threshold) against float64 per-sample loops and SGD written out by hand."""
+    model = _mlp(3)
+    params = list(model.parameters())
+    opt = ProbablyAlignedSGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, model=model, confidence=c)
+    q = normal_quantile(c)
+    bufs = [None] * len(params)
+    mismatched = kept = total = 0
+    for step in range(3):
+        fb, rb = _batches(40 + step)
+        _, mf, qf = loop_moments(model, params, *fb)
+        _, mr, qr = loop_moments(model, params, *rb)
+        old = [p.detach().double().clone() for p in params]
+        opt.step(forget=fb, retain=rb)
+        for i, p in enumerate(params):
+            g = mr[i] - mf[i] + 0.01 * old[i]
+            bufs[i] = g if bufs[i] is None else 0.9 * bufs[i] + g
+            s = torch.sign(bufs[i])
+            m = (s != 0) & (reference_z(-s, mf[i], qf[i], 10) > q) & (reference_z(s, mr[i], qr[i], 16) > q)
+            expected = old[i] - 0.1 * m.double() * bufs[i]
+            mismatched += ((p.double() - expected).abs() > 1e-6).sum().item()
+            kept += m.sum().item()
+            total += m.numel()
+    assert opt.diagnostics.direction == "stats"
+    assert 0.02 < kept / total < 0.95, kept / total
+    assert mismatched <= 2, mismatched  # float32 vs float64 statistics at the threshold
+
+
+def test_square_sums_path_equals_m2_path():
+    """An engine without ``_pair_sq`` (M2 statistics) gives the same steps as the hook engine's Σg²."""
+
+    class M2Only:
+        def __init__(self):
+            self.inner = HookEngine()
+
+        def __call__(self, *args):
+            return self.inner(*args)
+
+        def pair(self, *args):
+            return self.inner.pair(*args)
+
+    models = [_mlp(5), _mlp(5)]
+    opts = [ProbablyAlignedSGD(m.parameters(), lr=0.2, momentum=0.9, model=m, confidence=0.9, engine=e)
+            for m, e in zip(models, (None, M2Only()))]
+    for step in range(4):
+        fb, rb = _batches(60 + step)
+        for o in opts:
+            o.step(forget=fb, retain=rb)
+        assert opts[0].diagnostics.kept_fraction == pytest.approx(opts[1].diagnostics.kept_fraction, abs=2e-3)
+    assert 0 < opts[0].diagnostics.kept_fraction < 1
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0)

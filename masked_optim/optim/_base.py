@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -364,8 +365,9 @@ class ProbablyAlignedOptimizer(Optimizer):
 
         # ---- statistics ----
         stat_params = self._stat_params()
+        sq = False  # whether the statistics' m2 lists hold Σg² (see _pair_stats)
         if want_f and want_r and callable(getattr(self.engine, "pair", None)):
-            stats_f, stats_r = self._stats(stat_params, forget, retain)  # one pass over both batches
+            stats_f, stats_r, sq = self._pair_stats(stat_params, forget, retain)  # one pass over both batches
         else:
             stats_f = self._stats(stat_params, forget)[0] if want_f else None
             stats_r = self._stats(stat_params, retain)[0] if want_r else None
@@ -417,7 +419,7 @@ class ProbablyAlignedOptimizer(Optimizer):
                 if g is not None:
                     params.append(p)
                     grads.append(g)
-            mask = self._group_mask(group, params, index, stats_f, stats_r, test_f, test_r)
+            mask = self._group_mask(group, params, index, stats_f, stats_r, test_f, test_r, sq)
             if certify and mask is None and params:
                 # an unmasked group is still part of the step the test certifies (and may skip)
                 mask = _GroupMask(None, None, False)
@@ -528,15 +530,42 @@ class ProbablyAlignedOptimizer(Optimizer):
         return list(seen.values())
 
     def _stats(self, params: list[Tensor], *batches: Batch) -> tuple[GradStats, ...]:
-        # the engines need the bare module: DDP's forward syncs buffers, hooks on an already compiled
-        # module see nothing, and torch.func through it disables dynamo; the caller's autocast would
-        # lower the statistics' precision (DESIGN §4: float32 at least)
-        dev = params[0].device.type if params else "cpu"
-        model = unwrap_model(self.model)
-        with torch.enable_grad(), torch.autocast(dev, enabled=False):
+        with self._engine_context(params):
             if len(batches) == 2:
-                return tuple(self.engine.pair(model, params, batches[0], batches[1], self.loss_fn))  # type: ignore[attr-defined]
-            return (self.engine(model, params, batches[0], self.loss_fn),)
+                return tuple(self.engine.pair(unwrap_model(self.model), params, *batches, self.loss_fn))  # type: ignore[attr-defined]
+            return (self.engine(unwrap_model(self.model), params, batches[0], self.loss_fn),)
+
+    def _pair_stats(self, params: list[Tensor], forget: Batch, retain: Batch) -> tuple[GradStats, GradStats, bool]:
+        """Statistics of both batches in one pass, and whether their ``m2`` lists hold ``Σg²``: an engine
+        that offers it (``_pair_sq``) saves two passes over the statistics, and every test here is a
+        hard one with ``q ≥ 0``, which reads ``Σg²`` exactly with an adjusted threshold (_group_mask)."""
+        pair_sq = getattr(self.engine, "_pair_sq", None)
+        if callable(pair_sq) and self._hard_tests_only():
+            with self._engine_context(params):
+                out = pair_sq(unwrap_model(self.model), params, forget, retain, self.loss_fn)
+            if out is not None:
+                return out[0], out[1], True
+        stats_f, stats_r = self._stats(params, forget, retain)
+        return stats_f, stats_r, False
+
+    def _hard_tests_only(self) -> bool:
+        if self.certify is not None:  # its threshold shifts are defined on M2
+            return False
+        for g in self.param_groups:
+            if g["soft"] or any((c := self._effective(g, side)) is not None and c < 0.5 for side in ("forget", "retain")):
+                return False
+        return True
+
+    def _engine_context(self, params: list[Tensor]) -> contextlib.AbstractContextManager:
+        # the engines need the bare module (unwrap_model): DDP's forward syncs buffers, hooks on an
+        # already compiled module see nothing, and torch.func through it disables dynamo; the caller's
+        # autocast would lower the statistics' precision (DESIGN §4: float32 at least)
+        dev = params[0].device.type if params else "cpu"
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.enable_grad())
+        if _autocast_enabled(dev):
+            stack.enter_context(torch.autocast(dev, enabled=False))
+        return stack
 
     def _directional(self, params: list[Tensor], tangents: list[Tensor], batch: Batch) -> Tensor:
         dev = params[0].device.type if params else "cpu"
@@ -575,7 +604,11 @@ class ProbablyAlignedOptimizer(Optimizer):
         stats_r: GradStats | None,
         test_f: bool,
         test_r: bool,
+        sq: bool = False,
     ) -> _GroupMask | None:
+        """The group's tests; ``sq``: the statistics hold ``Σg²`` in place of M2 (hard tests, q ≥ 0).
+        With M2 = Σg² − nμ², the test μ² > q²·M2/(n(n−1)) is μ² > q'²·Σg²/(n(n−1)) for
+        q'² = q² / (1 + q²/(n−1)): the same mask, from the same operations."""
         sides: list[_Side | None] = []
         for side, stats, tested, sign in (("forget", stats_f, test_f, -1), ("retain", stats_r, test_r, 1)):
             c = self._effective(group, side)
@@ -583,6 +616,8 @@ class ProbablyAlignedOptimizer(Optimizer):
                 sides.append(None)
                 continue
             q = quantile(c, stats.n, group["quantile"])
+            if sq and q > 0:
+                q /= math.sqrt(1.0 + q * q / (stats.n - 1))
             idx = [index[id(p)] for p in params]
             sides.append(_Side([stats.mean[i] for i in idx], [stats.m2[i] for i in idx], stats.n, q, sign))
         if sides[0] is None and sides[1] is None:
@@ -629,6 +664,13 @@ def _all_finite(tensors: list[Tensor]) -> bool:
         if not math.isfinite(total.item()) and not all(bool(torch.isfinite(t).all()) for t in ts):
             return False
     return True
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

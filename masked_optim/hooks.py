@@ -135,17 +135,30 @@ def _linear(m: nn.Linear, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tenso
 
 
 def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tuple[Tensor, Tensor]] | None:
-    """:func:`_linear` of ``k`` equal consecutive segments of a 2-d batch at once: ``[k, ...]`` sums
-    from batched products, half the operations of one call per segment (``None``: not 2-d)."""
+    """:func:`_linear` of ``k`` equal consecutive segments of a 2-d batch at once, as ``[k, ...]``
+    *means* and ``Σg²`` (the products scale by 1/n on the fly: no pass to divide) from batched
+    products, half the operations of one call per segment (``None``: not 2-d)."""
     if a.dim() != 2:
         return None
-    a3, d3 = a.view(k, -1, a.shape[-1]), d.view(k, -1, d.shape[-1])
+    n = a.shape[0] // k
+    a3, d3 = a.view(k, n, a.shape[-1]), d.view(k, n, d.shape[-1])
     d2 = d3 * d3
-    dt, d2t = d3.transpose(1, 2), d2.transpose(1, 2)
-    out = {"weight": (torch.bmm(dt, a3), torch.bmm(d2t, a3 * a3))}
+    dt = d3.transpose(1, 2)
+    mean = torch.baddbmm(_zero(a), dt, a3, beta=0, alpha=1.0 / n)
+    out = {"weight": (mean, torch.bmm(d2.transpose(1, 2), a3 * a3))}
     if m.bias is not None:
-        out["bias"] = (d3.sum(1), d2.sum(1))
+        out["bias"] = (d3.mean(1), d2.sum(1))
     return out
+
+
+_ZEROS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _zero(like: Tensor) -> Tensor:
+    key = (like.device, like.dtype)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros((), device=like.device, dtype=like.dtype)
+    return _ZEROS[key]
 
 
 def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
@@ -244,7 +257,8 @@ _RULES: dict[type, Callable[[nn.Module, Tensor, Tensor], dict[str, tuple[Tensor,
     nn.BatchNorm3d: _batch_norm,
 }
 
-# Rules that take k equal consecutive segments at once ([k, ...] sums), or return None when they cannot.
+# Rules that take k equal consecutive segments at once ([k, ...] means and Σg²), or return None when
+# they cannot.
 _SEGMENT_RULES: dict[type, Callable[[nn.Module, Tensor, Tensor, int], dict[str, tuple[Tensor, Tensor]] | None]] = {
     nn.Linear: _linear_segments,
 }
@@ -302,7 +316,7 @@ class _Tap:
         if self.calls != 1 or self.input is None:
             return
         if grad_out.numel() <= _DEFER_MAX:
-            self.deferred = grad_out.detach()
+            self.deferred = grad_out
             return
         self.finish(grad_out)
 
@@ -312,31 +326,31 @@ class _Tap:
             grad_out, self.deferred = self.deferred, None
             if grad_out is None:
                 return
-        a = self.input if self.input.dtype in (torch.long, torch.int) else self.input.to(self.acc_dtype)
-        d = grad_out.detach().to(self.acc_dtype)
-        self.input = None  # release the activation as soon as it is used
+        x, self.input = self.input, None  # release the activation as soon as it is used
+        a = x if x.dtype in (self.acc_dtype, torch.long, torch.int) else x.to(self.acc_dtype)
+        d = grad_out if grad_out.dtype == self.acc_dtype else grad_out.to(self.acc_dtype)
         k, n = len(self.segments), self.segments[0]
         batched = _SEGMENT_RULES.get(type(self.module)) if k > 1 and all(m == n for m in self.segments) else None
         stacked = batched(self.module, a, d, k) if batched is not None else None
-        if stacked is not None:  # every segment at once: [k, ...] sums
-            for name, (total, sq) in stacked.items():
+        if stacked is not None:  # every segment at once: [k, ...] means and Σg²
+            for name, (mean, sq) in stacked.items():
                 if name in self.owned:
-                    mean, m2 = _moments(total, sq, n, self.sq)
-                    for seg in range(k):
-                        self.results[seg][self.owned[name]] = (mean[seg], m2[seg])
+                    m2 = sq if self.sq else _m2(mean, sq, n)
+                    for seg, moments in enumerate(zip(mean.unbind(), m2.unbind())):
+                        self.results[seg][self.owned[name]] = moments
             return
         rule = _RULES[type(self.module)]
         for seg, (a_s, d_s) in enumerate(zip(a.split(self.segments), d.split(self.segments))):
             for name, (total, sq) in rule(self.module, a_s, d_s).items():
                 if name in self.owned:
-                    self.results[seg][self.owned[name]] = _moments(total, sq, a_s.shape[0], self.sq)
+                    mean = total.div_(a_s.shape[0])
+                    self.results[seg][self.owned[name]] = (mean, sq if self.sq else _m2(mean, sq, a_s.shape[0]))
 
 
-def _moments(total: Tensor, sq: Tensor, n: int, keep_sq: bool = False) -> tuple[Tensor, Tensor]:
-    """Mean and M2 = Σg² − n·μ² from fresh sums, in place while the layer's sums are still in cache
-    (the clamp absorbs the rounding of a near-constant coordinate); with ``keep_sq``, mean and Σg²."""
-    mean = total.div_(n)
-    return mean, sq if keep_sq else sq.addcmul_(mean, mean, value=-n).clamp_min_(0)
+def _m2(mean: Tensor, sq: Tensor, n: int) -> Tensor:
+    """M2 = Σg² − n·μ² in place of the fresh ``sq``, while the layer's sums are still in cache (the
+    clamp absorbs the rounding of a near-constant coordinate)."""
+    return sq.addcmul_(mean, mean, value=-n).clamp_min_(0)
 
 
 class HookEngine:
@@ -389,7 +403,7 @@ class HookEngine:
     def __call__(
         self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None
     ) -> GradStats:
-        return self._run(model, list(params), [batch], loss_fn)[0]
+        return self._run(model, list(params), [validate_batch(batch)], [batch], loss_fn)[0]
 
     def pair(
         self, model: nn.Module, params: Sequence[Tensor], first: Batch, second: Batch, loss_fn: LossFn | None = None
@@ -397,7 +411,8 @@ class HookEngine:
         """Statistics of two batches, equal to two calls. Without ``chunk_size``, and when the inputs
         agree in dtype and trailing shape, one forward+backward over the concatenated batches (the
         model runs in eval behaviour, so the samples stay independent)."""
-        first_stats, second_stats = self._run(model, list(params), [first, second], loss_fn)
+        batches = [first, second]
+        first_stats, second_stats = self._run(model, list(params), [validate_batch(b) for b in batches], batches, loss_fn)
         return first_stats, second_stats
 
     def _pair_sq(
@@ -406,24 +421,29 @@ class HookEngine:
         """:meth:`pair` whose ``m2`` lists hold ``Σ_k g_k²`` instead of M2, saving two passes over every
         parameter's statistics; for the optimizers' hard mask, which reads ``Σg²`` with an adjusted
         threshold. ``None`` when the batches would not go through one pass together."""
-        if self.chunk_size is not None or not _concatenable([validate_batch(b) for b in (first, second)]):
+        batches = [first, second]
+        parsed = [validate_batch(b) for b in batches]
+        if self.chunk_size is not None or not _concatenable(parsed):
             return None
-        first_stats, second_stats = self._run(model, list(params), [first, second], loss_fn, sq=True)
+        first_stats, second_stats = self._run(model, list(params), parsed, batches, loss_fn, sq=True)
         return first_stats, second_stats
 
     def _run(
-        self, model: nn.Module, params: list[Tensor], batches: list[Batch], loss_fn: LossFn | None, sq: bool = False
+        self,
+        model: nn.Module,
+        params: list[Tensor],
+        parsed: list[tuple[tuple[Tensor, ...], Tensor, int]],
+        batches: list[Batch],
+        loss_fn: LossFn | None,
+        sq: bool = False,
     ) -> list[GradStats]:
-        """Statistics of each batch; ``sq``: ``Σg²`` in place of M2 (one concatenated pass only)."""
+        """Statistics of each (validated) batch; ``sq``: ``Σg²`` in place of M2 (one concatenated pass
+        only)."""
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-        parsed = [validate_batch(b) for b in batches]
         owned, rest = self.plan(model, params)
         device = params[0].device if params else parsed[0][1].device
-        parsed = [
-            (tuple(x.to(device, non_blocking=True) for x in xs), y.to(device, non_blocking=True), n)
-            for xs, y, n in parsed
-        ]
-        accs = [GradStats(0, [], [], torch.zeros((), device=device)) for _ in parsed]
+        parsed = [(tuple(_to(x, device) for x in xs), _to(y, device), n) for xs, y, n in parsed]
+        accs = [GradStats(0, [], [], None) for _ in parsed]  # type: ignore[arg-type]  # set by the first merge
         reused: set[int] = set()
         with eval_behaviour(model):
             if len(parsed) > 1 and self.chunk_size is None and _concatenable(parsed):
@@ -493,7 +513,11 @@ class HookEngine:
                 h.remove()
         again = {i for t in taps if t.calls > 1 for i in t.owned.values()}
         outs = []
-        seg_losses = [part.mean() for part in losses.detach().float().split(segments)]
+        losses = losses.detach().to(_acc_dtype(losses.dtype))
+        if len(segments) > 1 and all(m == segments[0] for m in segments):
+            seg_losses = losses.view(len(segments), -1).mean(1).unbind()
+        else:
+            seg_losses = [part.mean() for part in losses.split(segments)]
         for seg in range(len(segments)):
             means, m2s = [], []
             for i, (p, r) in enumerate(zip(params, results[seg])):
@@ -503,6 +527,10 @@ class HookEngine:
                 m2s.append(r[1])
             outs.append((means, m2s, seg_losses[seg]))
         return outs, again  # type: ignore[return-value]
+
+
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.device == device else t.to(device, non_blocking=True)
 
 
 def _concatenable(parsed: list[tuple[tuple[Tensor, ...], Tensor, int]]) -> bool:

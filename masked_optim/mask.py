@@ -100,6 +100,7 @@ def student_t_quantile(c: float, df: int) -> float:
     return 0.5 * (lo + hi)
 
 
+@functools.lru_cache(maxsize=1024)
 def quantile(c: float, n: int, kind: str = "normal") -> float:
     """Threshold ``q(c)`` for a batch of ``n`` samples: ``"normal"`` or ``"t"`` (df = n − 1)."""
     if kind == "normal":
@@ -131,11 +132,15 @@ class Constraint:
     @property
     def coeff(self) -> float:
         """``q² / (n (n−1))``, so that ``q²·se² = coeff · M2``."""
-        if self.q == 0.0:
-            return 0.0
-        if self.n < 2:
-            raise ValueError(f"a confidence other than 0.5 needs n >= 2 samples, got n={self.n}")
-        return self.q * self.q / (self.n * (self.n - 1))
+        return _coeff(self.q, self.n)
+
+
+def _coeff(q: float, n: int) -> float:
+    if q == 0.0:
+        return 0.0
+    if n < 2:
+        raise ValueError(f"a confidence other than 0.5 needs n >= 2 samples, got n={n}")
+    return q * q / (n * (n - 1))
 
 
 def z_scores(u: Tensor, mean: Tensor, m2: Tensor, n: int, sign: int = 1) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..mask import Constraint, Term, _keep, _masked_add_terms, feasibility_mask, feasibility_masks, quantile
+from ..mask import Constraint, Term, _coeff, _keep, _masked_add_terms, feasibility_mask, feasibility_masks, quantile
 from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
 from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, unwrap_model, validate_batch
@@ -105,19 +105,17 @@ _LAZY_MAX = 1 << 16  # elements: masks up to this size are counted when diagnost
 
 class _Side:
     """One side's test for a list of parameters: moments of one batch, threshold ``q`` and sign;
-    ``[i]`` is parameter ``i``'s :class:`Constraint`, ``term(i)`` the form the hard mask reads."""
+    ``[i]`` is parameter ``i``'s :class:`Constraint`, ``terms[i]`` the form the hard mask reads."""
 
-    __slots__ = ("means", "m2s", "n", "q", "sign", "coeff")
+    __slots__ = ("means", "m2s", "n", "q", "sign", "terms")
 
     def __init__(self, means: list[Tensor], m2s: list[Tensor], n: int, q: float, sign: int) -> None:
         self.means, self.m2s, self.n, self.q, self.sign = means, m2s, n, q, sign
-        self.coeff = Constraint(means[0], m2s[0], n, q, sign).coeff if means else 0.0
+        coeff = _coeff(q, n)
+        self.terms: list[Term] = [(mean, m2, sign, coeff) for mean, m2 in zip(means, m2s)]
 
     def __getitem__(self, i: int) -> Constraint:
         return Constraint(self.means[i], self.m2s[i], self.n, self.q, self.sign)
-
-    def term(self, i: int) -> Term:
-        return self.means[i], self.m2s[i], self.sign, self.coeff
 
     def shifted(self, delta: float) -> _Side:
         return _Side(self.means, self.m2s, self.n, self.q + delta, self.sign)
@@ -148,7 +146,7 @@ class _GroupMask:
             param.addcmul_(u, m, value=-lr)
             self.kept.append(m if u.numel() <= _LAZY_MAX else m.sum())
             return
-        terms = [side.term(i) for side in (self.forget, self.retain) if side]
+        terms = [side.terms[i] for side in (self.forget, self.retain) if side]
         if u.numel() > _LAZY_MAX:  # cache-sized chunks on CPU
             self.kept.append(_masked_add_terms(param, u, terms, -lr))
             return

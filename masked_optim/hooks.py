@@ -296,6 +296,10 @@ class _Tap:
         self.targets, self.acc_dtype, self.sq = targets, acc_dtype, sq
         self.calls = 0
         self.input: Tensor | None = None
+        self.input_needs_grad = False
+        self.node: torch.autograd.graph.Node | None = None  # formed the output
+        self.output_nr = self.version = 0
+        self.output: Tensor | None = None  # a small layer's output, whose δ autograd returns directly
         self.deferred: Tensor | None = None
 
     def forward_hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -303,17 +307,39 @@ class _Tap:
         if self.calls > 1 or not isinstance(output, Tensor) or not output.requires_grad:
             return
         x = inputs[0]
-        self.input = x.detach()
+        self.input, self.input_needs_grad = x.detach(), x.requires_grad
+        self.node, self.output_nr = output.grad_fn, output.output_nr
+        if output.numel() <= _DEFER_MAX:
+            # small: autograd returns its δ directly (no hook; nor any backward below the first layer)
+            # and the rule runs after the backward, where the same arithmetic measured up to 2x faster
+            # than inside autograd's hooks
+            self.output, self.version = output, output._version
+        else:
+            self.hook()
+
+    def hook(self) -> None:
+        """Take δ in the backward, from the node that formed the output (before any in-place change)."""
         # the backward only has to carry δ through every hooked module: it does when autograd is asked
         # for the parameters of the first layers (whose input needs no gradient) and for every leaf
         # the hooks do not own; gradients of module inputs would do too, but they would all be held
         # until the backward ends (measured +150 MiB on a ResNet-18 step)
-        if not x.requires_grad:  # its bias when it has one: the cheapest gradient to form
-            self.targets.append(getattr(module, "bias" if "bias" in self.owned else next(iter(self.owned))))
-        output.register_hook(self.backward_hook)
+        if not self.input_needs_grad:  # its bias when it has one: the cheapest gradient to form
+            self.targets.append(getattr(self.module, "bias" if "bias" in self.owned else next(iter(self.owned))))
+        nr = self.output_nr
+        self.node.register_prehook(lambda grad_outputs: self.backward_hook(grad_outputs[nr]))  # type: ignore[union-attr]
+        self.node = None
 
-    def backward_hook(self, grad_out: Tensor) -> None:
-        if self.calls != 1 or self.input is None:
+    def direct(self) -> Tensor | None:
+        """The output whose δ autograd should return, or ``None`` (not small, or changed in place since
+        the forward: then from the node that formed it, :meth:`hook`)."""
+        out, self.output = self.output, None
+        if out is not None and out._version != self.version:
+            self.hook()
+            return None
+        return out
+
+    def backward_hook(self, grad_out: Tensor | None) -> None:
+        if self.calls != 1 or self.input is None or grad_out is None:
             return
         if grad_out.numel() <= _DEFER_MAX:
             self.deferred = grad_out
@@ -503,9 +529,13 @@ class HookEngine:
             with torch.enable_grad():
                 out = model(*xs)
                 losses = _per_sample_losses(loss_fn, out, y)
+                outputs = [(t, o) for t in taps if (o := t.direct()) is not None]
                 unique = list({id(t): t for t in targets}.values())
-                if unique:
-                    torch.autograd.grad(losses.sum(), unique, allow_unused=True)
+                inputs = unique + [o for _, o in outputs]
+                if inputs:
+                    grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+                    for (t, _), g in zip(outputs, grads[len(unique):]):
+                        t.deferred = g
             for t in taps:
                 t.finish()
         finally:

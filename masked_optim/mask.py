@@ -169,12 +169,20 @@ Term = tuple[Tensor, Tensor, int, float]  # (μ, M2, sign, coeff) of one constra
 
 
 def _worst_into(
-    u: Tensor, terms: list[Term], worst: Tensor | None, scratch: Tensor | None
+    u: Tensor, terms: list[Term], worst: Tensor | None, scratch: Tensor | None, overwrite_m2: bool = False
 ) -> Tensor | None:
-    """``max`` over constraints ``(μ, M2, sign, coeff)`` of ``(−sign·u·μ, M2 − μ²/coeff)``, written to
-    ``worst`` (and ``scratch``) when given; ``None`` when there is no constraint."""
+    """``max`` over constraints ``(μ, M2, sign, coeff)`` of ``(M2 − μ²/coeff, −sign·u·μ)``, written to
+    ``worst`` (and ``scratch``) when given; ``None`` when there is no constraint. ``overwrite_m2``: the
+    M2 tensors are scratch as well, and hold the significance terms (one allocation fewer)."""
     first = True
     for mean, m2, sign, coeff in terms:
+        if coeff:
+            sig = torch.addcmul(m2, mean, mean, value=-1.0 / coeff, out=m2 if overwrite_m2 else (worst if first else scratch))
+            if first:
+                worst, first = sig, False
+            else:
+                scratch = scratch if overwrite_m2 else sig
+                torch.maximum(worst, sig, out=worst)
         out = worst if first else scratch
         # −sign·u·μ in one pass (0 − u·μ for the retain side); out=None allocates
         bad = (torch.addcmul(_zero(u), u, mean, value=-1.0, out=out) if sign > 0
@@ -183,9 +191,6 @@ def _worst_into(
             worst, first = bad, False
         else:
             scratch = bad
-            torch.maximum(worst, scratch, out=worst)
-        if coeff:
-            scratch = torch.addcmul(m2, mean, mean, value=-1.0 / coeff, out=scratch)
             torch.maximum(worst, scratch, out=worst)
     return None if first else worst
 
@@ -214,9 +219,10 @@ def _fast_keep(u: Tensor, cons: Sequence[Constraint]) -> Tensor:
     return _keep(u, _terms(cons))
 
 
-def _keep(u: Tensor, terms: list[Term]) -> Tensor:
-    """:func:`_fast_keep` of constraints given as terms, in the dtype of ``u``."""
-    worst = _worst_into(u, terms, None, None)
+def _keep(u: Tensor, terms: list[Term], overwrite_m2: bool = False) -> Tensor:
+    """:func:`_fast_keep` of constraints given as terms, in the dtype of ``u`` (``overwrite_m2``: see
+    :func:`_worst_into`)."""
+    worst = _worst_into(u, terms, None, None, overwrite_m2)
     if worst is None:
         return (u != 0).to(u.dtype)
     # 1.0 where worst < 0, else 0.0, in place: large CPU allocations cost more than passes here

@@ -126,8 +126,11 @@ class _GroupMask:
     it ``u`` and it applies ``θ ← θ − lr·m⊙u``, recording the kept counts; when ``defer`` is set it
     only records ``u`` so that the whole step can be certified before anything moves."""
 
-    def __init__(self, forget: _Side | None, retain: _Side | None, soft: bool, defer: bool = False) -> None:
+    def __init__(
+        self, forget: _Side | None, retain: _Side | None, soft: bool, defer: bool = False, m2_scratch: bool = False
+    ) -> None:
         self.forget, self.retain, self.soft, self.defer = forget, retain, soft, defer
+        self.m2_scratch = m2_scratch  # the second moments are the step's own (Σg²): the mask may overwrite them
         self.kept: list[Tensor] = []
         self.pending: list[tuple[int, Tensor, Tensor, float]] = []
         # masked_add_'s fused update needs a hard mask with thresholds q >= 0 (one q per side)
@@ -150,7 +153,7 @@ class _GroupMask:
         if u.numel() > _LAZY_MAX:  # cache-sized chunks on CPU
             self.kept.append(_masked_add_terms(param, u, terms, -lr))
             return
-        m = _keep(u, terms)
+        m = _keep(u, terms, self.m2_scratch)
         param.addcmul_(u, m, value=-lr)
         self.kept.append(m)  # small masks are kept and counted only if the diagnostics are read
 
@@ -620,7 +623,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             sides.append(_Side([stats.mean[i] for i in idx], [stats.m2[i] for i in idx], stats.n, q, sign))
         if sides[0] is None and sides[1] is None:
             return None
-        return _GroupMask(sides[0], sides[1], group["soft"])
+        return _GroupMask(sides[0], sides[1], group["soft"], m2_scratch=sq)
 
     def _update_group(
         self,

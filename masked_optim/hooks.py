@@ -402,8 +402,13 @@ class HookEngine:
 
     def plan(self, model: nn.Module, params: Sequence[Tensor]) -> tuple[dict[nn.Module, dict[str, int]], list[int]]:
         """Which parameters (by index) the hooks handle, per module, and which go to the fallback."""
+        return self._cached_plan(model, params, list(model.modules()))
+
+    def _cached_plan(
+        self, model: nn.Module, params: Sequence[Tensor], modules: list[nn.Module]
+    ) -> tuple[dict[nn.Module, dict[str, int]], list[int]]:
         # the optimizer asks for the same plan every step: reuse it while model and params are the same
-        key = (id(model), tuple(id(p) for p in params), tuple(id(m) for m in model.modules()))
+        key = (id(model), tuple(id(p) for p in params), tuple(id(m) for m in modules))
         if self._plan is not None and self._plan[0] == key:
             return self._plan[1]
         result = self._make_plan(model, params)
@@ -466,16 +471,17 @@ class HookEngine:
         """Statistics of each (validated) batch; ``sq``: ``Σg²`` in place of M2 (one concatenated pass
         only)."""
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-        owned, rest = self.plan(model, params)
+        modules = list(model.modules())
+        owned, rest = self._cached_plan(model, params, modules)
         device = params[0].device if params else parsed[0][1].device
         parsed = [(tuple(_to(x, device) for x in xs), _to(y, device), n) for xs, y, n in parsed]
         accs = [GradStats(0, [], [], None) for _ in parsed]  # type: ignore[arg-type]  # set by the first merge
         reused: set[int] = set()
-        with eval_behaviour(model):
+        with eval_behaviour(model, modules):
             if len(parsed) > 1 and self.chunk_size is None and _concatenable(parsed):
                 xs = tuple(torch.cat(parts) for parts in zip(*(p[0] for p in parsed)))
                 y = torch.cat([p[1] for p in parsed])
-                outs, reused = self._pass(model, params, owned, xs, y, [p[2] for p in parsed], loss_fn, sq)
+                outs, reused = self._pass(model, modules, params, owned, xs, y, [p[2] for p in parsed], loss_fn, sq)
                 for acc, (_, _, n), out in zip(accs, parsed, outs):
                     _merge_into(acc, n, *out)
             else:
@@ -484,7 +490,7 @@ class HookEngine:
                     for start in range(0, n, chunk):
                         stop = min(start + chunk, n)
                         outs, again = self._pass(
-                            model, params, owned, tuple(x[start:stop] for x in xs), y[start:stop], [stop - start],
+                            model, modules, params, owned, tuple(x[start:stop] for x in xs), y[start:stop], [stop - start],
                             loss_fn,
                         )
                         reused |= again
@@ -505,6 +511,7 @@ class HookEngine:
     def _pass(
         self,
         model: nn.Module,
+        modules: list[nn.Module],
         params: list[Tensor],
         owned: dict[nn.Module, dict[str, int]],
         xs: tuple[Tensor, ...],
@@ -519,7 +526,9 @@ class HookEngine:
         results: list[list[tuple[Tensor, Tensor] | None]] = [[None] * len(params) for _ in segments]
         targets: list[Tensor] = [x for x in xs if x.requires_grad]
         hooked = {id(params[i]) for names in owned.values() for i in names.values()}
-        targets += [p for p in model.parameters() if p.requires_grad and id(p) not in hooked]
+        targets += [  # (a shared leaf may appear twice: deduplicated below)
+            p for m in modules for p in m._parameters.values() if p is not None and p.requires_grad and id(p) not in hooked
+        ]
         taps = [
             _Tap(mod, names, segments, results, targets, dtypes[next(iter(names.values()))], sq)
             for mod, names in owned.items()

@@ -134,9 +134,10 @@ def validate_batch(batch: Batch, name: str = "batch") -> tuple[tuple[Tensor, ...
 
 
 @contextlib.contextmanager
-def eval_behaviour(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode inside the block and restore every submodule's own mode after."""
-    modules = list(model.modules())
+def eval_behaviour(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
+    """Run ``model`` in eval mode inside the block and restore every submodule's own mode after
+    (``modules``: ``list(model.modules())`` when the caller has it already)."""
+    modules = list(model.modules()) if modules is None else modules
     modes = [m.training for m in modules]
     if any(type(m).train is not nn.Module.train for m in modules):
         model.eval()  # a module with its own train(): let it see the switch

@@ -174,8 +174,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 at least; float64 parameters keep float64
-    return torch.promote_types(dtype, torch.float32)
+    # float32 at least; float64 parameters keep float64 (cached: promote_types is an operator call)
+    acc = _ACC_DTYPES.get(dtype)
+    if acc is None:
+        acc = _ACC_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
+    return acc
+
+
+_ACC_DTYPES: dict[torch.dtype, torch.dtype] = {}
 
 
 class StatsEngine(Protocol):

@@ -133,11 +133,26 @@ def validate_batch(batch: Batch, name: str = "batch") -> tuple[tuple[Tensor, ...
     return xs, targets, n
 
 
+# torch.nn modules whose forward never reads ``training`` (exact types: a subclass may)
+_MODE_FREE: frozenset[type] = frozenset({
+    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+})
+
+
 @contextlib.contextmanager
 def eval_behaviour(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """Run ``model`` in eval mode inside the block and restore every submodule's own mode after
     (``modules``: ``list(model.modules())`` when the caller has it already)."""
     modules = list(model.modules()) if modules is None else modules
+    if all(type(m) in _MODE_FREE for m in modules):  # nothing would behave differently
+        yield
+        return
     modes = [m.training for m in modules]
     if any(type(m).train is not nn.Module.train for m in modules):
         model.eval()  # a module with its own train(): let it see the switch

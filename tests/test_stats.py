@@ -211,3 +211,20 @@ def test_eval_behaviour_switches_and_restores_modes():
             assert not any(m.training for m in model.modules())
         assert [m.training for m in model.modules()] == before
     assert model[0].calls == [False]
+
+
+def test_eval_behaviour_leaves_mode_free_models_alone():
+    """A model made only of modules whose forward ignores ``training`` is not switched at all; one
+    subclass (which may read it) or one Dropout is enough to switch the whole model."""
+    from masked_optim.stats import eval_behaviour
+
+    class MyLinear(nn.Linear):
+        pass
+
+    free = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.LayerNorm(3), nn.Linear(3, 2))
+    with eval_behaviour(free):
+        assert all(m.training for m in free.modules())
+    for model in (nn.Sequential(nn.Linear(2, 3), nn.Dropout()), nn.Sequential(MyLinear(2, 3), nn.ReLU())):
+        with eval_behaviour(model):
+            assert not any(m.training for m in model.modules())
+        assert all(m.training for m in model.modules())

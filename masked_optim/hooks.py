@@ -434,7 +434,7 @@ class HookEngine:
     def __call__(
         self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None
     ) -> GradStats:
-        return self._run(model, list(params), [validate_batch(batch)], [batch], loss_fn)[0]
+        return self._run(model, list(params), [validate_batch(batch)], loss_fn)[0]
 
     def pair(
         self, model: nn.Module, params: Sequence[Tensor], first: Batch, second: Batch, loss_fn: LossFn | None = None
@@ -442,21 +442,28 @@ class HookEngine:
         """Statistics of two batches, equal to two calls. Without ``chunk_size``, and when the inputs
         agree in dtype and trailing shape, one forward+backward over the concatenated batches (the
         model runs in eval behaviour, so the samples stay independent)."""
-        batches = [first, second]
-        first_stats, second_stats = self._run(model, list(params), [validate_batch(b) for b in batches], batches, loss_fn)
+        first_stats, second_stats = self._run(model, list(params), [validate_batch(b) for b in (first, second)], loss_fn)
         return first_stats, second_stats
 
     def _pair_sq(
-        self, model: nn.Module, params: Sequence[Tensor], first: Batch, second: Batch, loss_fn: LossFn | None = None
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        first: Batch,
+        second: Batch,
+        loss_fn: LossFn | None = None,
+        *,
+        validated: bool = False,
     ) -> tuple[GradStats, GradStats] | None:
         """:meth:`pair` whose ``m2`` lists hold ``Σ_k g_k²`` instead of M2, saving two passes over every
         parameter's statistics; for the optimizers' hard mask, which reads ``Σg²`` with an adjusted
-        threshold. ``None`` when the batches would not go through one pass together."""
+        threshold. ``None`` when the batches would not go through one pass together. ``validated``:
+        the batches are :func:`~masked_optim.stats.validate_batch`'s results (the caller checked them)."""
         batches = [first, second]
-        parsed = [validate_batch(b) for b in batches]
-        if self.chunk_size is not None or not _concatenable(parsed):
+        parsed = batches if validated else [validate_batch(b) for b in batches]
+        if self.chunk_size is not None or not _concatenable(parsed):  # type: ignore[arg-type]
             return None
-        first_stats, second_stats = self._run(model, list(params), parsed, batches, loss_fn, sq=True)
+        first_stats, second_stats = self._run(model, list(params), parsed, loss_fn, sq=True, concat=True)  # type: ignore[arg-type]
         return first_stats, second_stats
 
     def _run(
@@ -464,12 +471,12 @@ class HookEngine:
         model: nn.Module,
         params: list[Tensor],
         parsed: list[tuple[tuple[Tensor, ...], Tensor, int]],
-        batches: list[Batch],
         loss_fn: LossFn | None,
         sq: bool = False,
+        concat: bool | None = None,
     ) -> list[GradStats]:
         """Statistics of each (validated) batch; ``sq``: ``Σg²`` in place of M2 (one concatenated pass
-        only)."""
+        only); ``concat``: whether the batches go through one pass (``None``: decide here)."""
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
         modules = list(model.modules())
         owned, rest = self._cached_plan(model, params, modules)
@@ -478,7 +485,9 @@ class HookEngine:
         accs = [GradStats(0, [], [], None) for _ in parsed]  # type: ignore[arg-type]  # set by the first merge
         reused: set[int] = set()
         with eval_behaviour(model, modules):
-            if len(parsed) > 1 and self.chunk_size is None and _concatenable(parsed):
+            if concat is None:
+                concat = len(parsed) > 1 and self.chunk_size is None and _concatenable(parsed)
+            if concat:
                 xs = tuple(torch.cat(parts) for parts in zip(*(p[0] for p in parsed)))
                 y = torch.cat([p[1] for p in parsed])
                 outs, reused = self._pass(model, modules, params, owned, xs, y, [p[2] for p in parsed], loss_fn, sq)
@@ -501,8 +510,8 @@ class HookEngine:
                 names = _param_names(model, [params[i] for i in rest])
                 raise ValueError(f"HookEngine does not support the modules owning parameters {names}")
             sub_params = [params[i] for i in rest]
-            for acc, batch in zip(accs, batches):
-                sub = self.fallback(model, sub_params, batch, loss_fn)
+            for acc, (xs, y, _) in zip(accs, parsed):
+                sub = self.fallback(model, sub_params, (xs, y), loss_fn)
                 for j, i in enumerate(rest):
                     acc.mean[i] = sub.mean[j]
                     acc.m2[i] = torch.addcmul(sub.m2[j], sub.mean[j], sub.mean[j], value=acc.n) if sq else sub.m2[j]

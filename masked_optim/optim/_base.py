@@ -336,8 +336,10 @@ class ProbablyAlignedOptimizer(Optimizer):
         retain = retain if retain is not None else staged_r
 
         # ---- validation: nothing below mutates anything until all checks have passed ----
-        n_f = validate_batch(forget, "forget")[2] if forget is not None else 0
-        n_r = validate_batch(retain, "retain")[2] if retain is not None else 0
+        parsed_f = validate_batch(forget, "forget") if forget is not None else None
+        parsed_r = validate_batch(retain, "retain") if retain is not None else None
+        n_f = parsed_f[2] if parsed_f is not None else 0
+        n_r = parsed_r[2] if parsed_r is not None else 0
         for name, b in (("check_forget", check_forget), ("check_retain", check_retain)):
             if b is not None and validate_batch(b, name)[2] < 2 and self.certify is not None:
                 raise ValueError(f"{name} needs at least 2 samples for the whole-update test")
@@ -368,7 +370,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         stat_params = self._stat_params()
         sq = False  # whether the statistics' m2 lists hold Σg² (see _pair_stats)
         if want_f and want_r and callable(getattr(self.engine, "pair", None)):
-            stats_f, stats_r, sq = self._pair_stats(stat_params, forget, retain)  # one pass over both batches
+            stats_f, stats_r, sq = self._pair_stats(stat_params, forget, retain, parsed_f, parsed_r)  # one pass
         else:
             stats_f = self._stats(stat_params, forget)[0] if want_f else None
             stats_r = self._stats(stat_params, retain)[0] if want_r else None
@@ -536,14 +538,17 @@ class ProbablyAlignedOptimizer(Optimizer):
                 return tuple(self.engine.pair(unwrap_model(self.model), params, *batches, self.loss_fn))  # type: ignore[attr-defined]
             return (self.engine(unwrap_model(self.model), params, batches[0], self.loss_fn),)
 
-    def _pair_stats(self, params: list[Tensor], forget: Batch, retain: Batch) -> tuple[GradStats, GradStats, bool]:
+    def _pair_stats(
+        self, params: list[Tensor], forget: Batch, retain: Batch, parsed_f: tuple, parsed_r: tuple
+    ) -> tuple[GradStats, GradStats, bool]:
         """Statistics of both batches in one pass, and whether their ``m2`` lists hold ``Σg²``: an engine
         that offers it (``_pair_sq``) saves two passes over the statistics, and every test here is a
-        hard one with ``q ≥ 0``, which reads ``Σg²`` exactly with an adjusted threshold (_group_mask)."""
+        hard one with ``q ≥ 0``, which reads ``Σg²`` exactly with an adjusted threshold (_group_mask).
+        ``parsed_*``: the batches as ``validate_batch`` returned them."""
         pair_sq = getattr(self.engine, "_pair_sq", None)
         if callable(pair_sq) and self._hard_tests_only():
             with self._engine_context(params):
-                out = pair_sq(unwrap_model(self.model), params, forget, retain, self.loss_fn)
+                out = pair_sq(unwrap_model(self.model), params, parsed_f, parsed_r, self.loss_fn, validated=True)
             if out is not None:
                 return out[0], out[1], True
         stats_f, stats_r = self._stats(params, forget, retain)

@@ -534,3 +534,18 @@ def test_square_sums_path_equals_m2_path():
     assert 0 < opts[0].diagnostics.kept_fraction < 1
     for p, q in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
+
+
+def test_finite_check_confirms_overflowing_sums_exactly():
+    """The guard sums each tensor; finite values whose sum overflows are confirmed finite entry by
+    entry (the step goes on), a single NaN or ±Inf anywhere is caught."""
+    from masked_optim.optim._base import _all_finite
+
+    big = torch.full((4,), 3e38)
+    assert _all_finite([big, torch.ones(3)]) and _all_finite([]) and _all_finite([torch.empty(0)])
+    assert _all_finite([big.double(), torch.ones(2)])  # mixed dtypes
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(5)
+        t[2] = bad
+        assert not _all_finite([torch.ones(3), t])
+    assert not _all_finite([torch.tensor([float("inf"), -float("inf")])])  # inf − inf: NaN sum

@@ -5,8 +5,9 @@ every layer; module hooks turn each supported layer's input ``a`` and ``δ`` int
 ``Σ_k g_k²`` of its own parameters — ``δᵀa`` and ``(δ²)ᵀ(a²)`` for a plain ``nn.Linear`` (two matrix
 products), a Gram form for short convolutions and sequences, per-sample gradients of one layer at a
 time otherwise — so memory is ``O(n × largest layer)``, never ``n × P``, and autograd forms no
-weight gradient the rules form again (but a first layer's without a bias, to reach it).  :meth:`HookEngine.pair` serves the forget and the retain
-batch with one pass over their concatenation.  Parameters of modules it does not support (or of
+weight gradient the rules form again (autograd returns a small layer's δ directly; a large first
+layer's bias gradient, or its weight's, carries the backward to it).  :meth:`HookEngine.pair` serves
+the forget and the retain batch with one pass over their concatenation.  Parameters of modules it does not support (or of
 modules called more than once, or shared between modules) are handed to a fallback engine (the
 vmap reference) within the same call.
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
+from .mask import _zero
 from .stats import (
     Batch,
     GradStats,
@@ -151,16 +153,6 @@ def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tu
     return out
 
 
-_ZEROS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def _zero(like: Tensor) -> Tensor:
-    key = (like.device, like.dtype)
-    if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros((), device=like.device, dtype=like.dtype)
-    return _ZEROS[key]
-
-
 def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     if isinstance(m, nn.Conv1d):
         a, d = a.unsqueeze(2), d.unsqueeze(2)
@@ -280,7 +272,7 @@ def supports(module: nn.Module) -> bool:
 
 class _Tap:
     """Forward/backward taps on one module: per segment of the batch, ``(mean, M2)`` of each owned
-    parameter, written to ``results[segment][param index]``."""
+    parameter (``(mean, Σg²)`` with ``sq``), written to ``results[segment][param index]``."""
 
     def __init__(
         self,

@@ -664,8 +664,8 @@ def _all_finite(tensors: list[Tensor]) -> bool:
         return True
     try:
         total = float(torch.stack(sums).sum()) if len(sums) > 1 else float(sums[0])
-    except RuntimeError:  # tensors on several devices
-        total = math.fsum(float(s) for s in sums)
+    except RuntimeError:  # tensors on several devices (a float sum keeps NaN and inf − inf = NaN)
+        total = sum(float(s) for s in sums)
     return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 

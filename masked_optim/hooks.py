@@ -279,12 +279,14 @@ class _Tap:
         module: nn.Module,
         owned: dict[str, int],
         segments: list[int],
+        equal: bool,
         results: list[list[tuple[Tensor, Tensor] | None]],
         targets: list[Tensor],
         acc_dtype: torch.dtype,
         sq: bool = False,
     ) -> None:
         self.module, self.owned, self.segments, self.results = module, owned, segments, results
+        self.equal = equal  # k > 1 segments of one size
         self.targets, self.acc_dtype, self.sq = targets, acc_dtype, sq
         self.calls = 0
         self.input: Tensor | None = None
@@ -348,7 +350,7 @@ class _Tap:
         a = x if x.dtype in (self.acc_dtype, torch.long, torch.int) else x.to(self.acc_dtype)
         d = grad_out if grad_out.dtype == self.acc_dtype else grad_out.to(self.acc_dtype)
         k, n = len(self.segments), self.segments[0]
-        batched = _SEGMENT_RULES.get(type(self.module)) if k > 1 and all(m == n for m in self.segments) else None
+        batched = _SEGMENT_RULES.get(type(self.module)) if self.equal else None
         stacked = batched(self.module, a, d, k) if batched is not None else None
         if stacked is not None:  # every segment at once: [k, ...] means and Σg²
             for name, (mean, sq) in stacked.items():
@@ -426,7 +428,7 @@ class HookEngine:
     def __call__(
         self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None
     ) -> GradStats:
-        return self._run(model, list(params), [validate_batch(batch)], loss_fn)[0]
+        return self._run(model, list(params), [validate_batch(batch)], loss_fn, concat=False)[0]
 
     def pair(
         self, model: nn.Module, params: Sequence[Tensor], first: Batch, second: Batch, loss_fn: LossFn | None = None
@@ -434,7 +436,8 @@ class HookEngine:
         """Statistics of two batches, equal to two calls. Without ``chunk_size``, and when the inputs
         agree in dtype and trailing shape, one forward+backward over the concatenated batches (the
         model runs in eval behaviour, so the samples stay independent)."""
-        first_stats, second_stats = self._run(model, list(params), [validate_batch(b) for b in (first, second)], loss_fn)
+        parsed = [validate_batch(b) for b in (first, second)]
+        first_stats, second_stats = self._run(model, list(params), parsed, loss_fn, concat=self._one_pass(parsed))
         return first_stats, second_stats
 
     def _pair_sq(
@@ -453,10 +456,14 @@ class HookEngine:
         the batches are :func:`~masked_optim.stats.validate_batch`'s results (the caller checked them)."""
         batches = [first, second]
         parsed = batches if validated else [validate_batch(b) for b in batches]
-        if self.chunk_size is not None or not _concatenable(parsed):  # type: ignore[arg-type]
+        if not self._one_pass(parsed):  # type: ignore[arg-type]
             return None
-        first_stats, second_stats = self._run(model, list(params), parsed, loss_fn, sq=True, concat=True)  # type: ignore[arg-type]
+        first_stats, second_stats = self._run(model, list(params), parsed, loss_fn, concat=True, sq=True)  # type: ignore[arg-type]
         return first_stats, second_stats
+
+    def _one_pass(self, parsed: list[tuple[tuple[Tensor, ...], Tensor, int]]) -> bool:
+        """Whether validated batches go through one forward+backward together."""
+        return len(parsed) > 1 and self.chunk_size is None and _concatenable(parsed)
 
     def _run(
         self,
@@ -464,11 +471,11 @@ class HookEngine:
         params: list[Tensor],
         parsed: list[tuple[tuple[Tensor, ...], Tensor, int]],
         loss_fn: LossFn | None,
+        concat: bool,
         sq: bool = False,
-        concat: bool | None = None,
     ) -> list[GradStats]:
-        """Statistics of each (validated) batch; ``sq``: ``Σg²`` in place of M2 (one concatenated pass
-        only); ``concat``: whether the batches go through one pass (``None``: decide here)."""
+        """Statistics of each (validated) batch; ``concat``: in one pass over their concatenation
+        (:meth:`_one_pass`), else chunk by chunk; ``sq``: ``Σg²`` in place of M2 (one pass only)."""
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
         modules = list(model.modules())
         owned, rest = self._cached_plan(model, params, modules)
@@ -477,8 +484,6 @@ class HookEngine:
         accs = [GradStats(0, [], [], None) for _ in parsed]  # type: ignore[arg-type]  # set by the first merge
         reused: set[int] = set()
         with eval_behaviour(model, modules):
-            if concat is None:
-                concat = len(parsed) > 1 and self.chunk_size is None and _concatenable(parsed)
             if concat:
                 xs = tuple(torch.cat(parts) for parts in zip(*(p[0] for p in parsed)))
                 y = torch.cat([p[1] for p in parsed])
@@ -525,13 +530,14 @@ class HookEngine:
         modules that turned out to be called more than once (left to the fallback)."""
         dtypes = [_acc_dtype(p.dtype) for p in params]
         results: list[list[tuple[Tensor, Tensor] | None]] = [[None] * len(params) for _ in segments]
+        equal = len(segments) > 1 and segments.count(segments[0]) == len(segments)
         targets: list[Tensor] = [x for x in xs if x.requires_grad]
         hooked = {id(params[i]) for names in owned.values() for i in names.values()}
         targets += [  # (a shared leaf may appear twice: deduplicated below)
             p for m in modules for p in m._parameters.values() if p is not None and p.requires_grad and id(p) not in hooked
         ]
         taps = [
-            _Tap(mod, names, segments, results, targets, dtypes[next(iter(names.values()))], sq)
+            _Tap(mod, names, segments, equal, results, targets, dtypes[next(iter(names.values()))], sq)
             for mod, names in owned.items()
         ]
         handles = [t.module.register_forward_hook(t.forward_hook) for t in taps]
@@ -554,7 +560,7 @@ class HookEngine:
         again = {i for t in taps if t.calls > 1 for i in t.owned.values()}
         outs = []
         losses = losses.detach().to(_acc_dtype(losses.dtype))
-        if len(segments) > 1 and all(m == segments[0] for m in segments):
+        if equal:
             seg_losses = losses.view(len(segments), -1).mean(1).unbind()
         else:
             seg_losses = [part.mean() for part in losses.split(segments)]

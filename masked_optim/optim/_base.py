@@ -372,8 +372,8 @@ class ProbablyAlignedOptimizer(Optimizer):
         if want_f and want_r and callable(getattr(self.engine, "pair", None)):
             stats_f, stats_r, sq = self._pair_stats(stat_params, forget, retain, parsed_f, parsed_r)  # one pass
         else:
-            stats_f = self._stats(stat_params, forget)[0] if want_f else None
-            stats_r = self._stats(stat_params, retain)[0] if want_r else None
+            stats_f = self._stats(stat_params, forget) if want_f else None
+            stats_r = self._stats(stat_params, retain) if want_r else None
         index = {id(p): i for i, p in enumerate(stat_params)}
         # checked on the statistics' n, which a distributed engine makes the global batch size
         for side, stats, tested in (("forget", stats_f, test_f), ("retain", stats_r, test_r)):
@@ -532,11 +532,9 @@ class ProbablyAlignedOptimizer(Optimizer):
                     seen.setdefault(id(p), p)
         return list(seen.values())
 
-    def _stats(self, params: list[Tensor], *batches: Batch) -> tuple[GradStats, ...]:
+    def _stats(self, params: list[Tensor], batch: Batch) -> GradStats:
         with self._engine_context(params):
-            if len(batches) == 2:
-                return tuple(self.engine.pair(unwrap_model(self.model), params, *batches, self.loss_fn))  # type: ignore[attr-defined]
-            return (self.engine(unwrap_model(self.model), params, batches[0], self.loss_fn),)
+            return self.engine(unwrap_model(self.model), params, batch, self.loss_fn)
 
     def _pair_stats(
         self, params: list[Tensor], forget: Batch, retain: Batch, parsed_f: tuple, parsed_r: tuple
@@ -546,12 +544,13 @@ class ProbablyAlignedOptimizer(Optimizer):
         hard one with ``q ≥ 0``, which reads ``Σg²`` exactly with an adjusted threshold (_group_mask).
         ``parsed_*``: the batches as ``validate_batch`` returned them."""
         pair_sq = getattr(self.engine, "_pair_sq", None)
-        if callable(pair_sq) and self._hard_tests_only():
-            with self._engine_context(params):
-                out = pair_sq(unwrap_model(self.model), params, parsed_f, parsed_r, self.loss_fn, validated=True)
-            if out is not None:
-                return out[0], out[1], True
-        stats_f, stats_r = self._stats(params, forget, retain)
+        model = unwrap_model(self.model)
+        with self._engine_context(params):
+            if callable(pair_sq) and self._hard_tests_only():
+                out = pair_sq(model, params, parsed_f, parsed_r, self.loss_fn, validated=True)
+                if out is not None:
+                    return out[0], out[1], True
+            stats_f, stats_r = self.engine.pair(model, params, forget, retain, self.loss_fn)  # type: ignore[attr-defined]
         return stats_f, stats_r, False
 
     def _hard_tests_only(self) -> bool:
@@ -616,6 +615,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         With M2 = Σg² − nμ², the test μ² > q²·M2/(n(n−1)) is μ² > q'²·Σg²/(n(n−1)) for
         q'² = q² / (1 + q²/(n−1)): the same mask, from the same operations."""
         sides: list[_Side | None] = []
+        idx = [index[id(p)] for p in params]
         for side, stats, tested, sign in (("forget", stats_f, test_f, -1), ("retain", stats_r, test_r, 1)):
             c = self._effective(group, side)
             if not tested or c is None or stats is None:
@@ -624,7 +624,6 @@ class ProbablyAlignedOptimizer(Optimizer):
             q = quantile(c, stats.n, group["quantile"])
             if sq and q > 0:
                 q /= math.sqrt(1.0 + q * q / (stats.n - 1))
-            idx = [index[id(p)] for p in params]
             sides.append(_Side([stats.mean[i] for i in idx], [stats.m2[i] for i in idx], stats.n, q, sign))
         if sides[0] is None and sides[1] is None:
             return None

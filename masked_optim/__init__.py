@@ -6,7 +6,7 @@ chosen confidence, aligned with both the forget and the retain gradient.
 """
 
 from .mask import Constraint, feasibility_mask, feasibility_masks, normal_quantile, quantile, soft_mask, \
-    student_t_quantile, z_scores
+    step_scale, student_t_quantile, z_scores
 from .certify import directional_derivatives, one_sided_test
 from .hooks import HookEngine
 from .optim import (
@@ -42,6 +42,7 @@ __all__ = [
     "per_sample_grad_stats",
     "quantile",
     "soft_mask",
+    "step_scale",
     "student_t_quantile",
     "z_scores",
 ]

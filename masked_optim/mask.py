@@ -31,11 +31,50 @@ __all__ = [
     "feasibility_masks",
     "normal_quantile",
     "quantile",
+    "RESCALE_MODES",
+    "RESCALE_SCOPES",
     "soft_mask",
+    "step_scale",
     "student_t_cdf",
     "student_t_quantile",
     "z_scores",
 ]
+
+
+RESCALE_MODES = (None, "count", "norm")
+RESCALE_SCOPES = ("tensor", "group", "global")
+
+
+def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float) -> Tensor:
+    """The factor ``s`` (0-dim, float32 or wider) that sets the length of the masked step
+    ``m ⊙ u`` of the given tensors taken together, whatever fraction of coordinates the mask keeps.
+
+    ``how="count"``: ``s = 1 / max(mean(m), 1/max_scale)``, the mean over every coordinate of the
+    tensors (the normalisation of cautious optimizers); ``how="norm"``:
+    ``s = min(‖u‖ / ‖m ⊙ u‖, max_scale)``, so the masked step is as long as the unmasked one.
+    ``s = 1`` when nothing is kept (the step is zero anyway). ``1 ≤ s ≤ max_scale`` always: a
+    handful of kept coordinates cannot receive an unbounded step.
+
+    The sign of every first-order change ``⟨s·m⊙u, g⟩`` is that of ``⟨m⊙u, g⟩`` (``s > 0``); only
+    the step's length, and so its second-order effects, change.
+    """
+    if how not in ("count", "norm"):
+        raise ValueError(f"rescale must be None, 'count' or 'norm', got {how!r}")
+    if not max_scale >= 1.0:
+        raise ValueError(f"max_scale must be >= 1, got {max_scale!r}")
+    if not masks:
+        raise ValueError("step_scale needs at least one tensor")
+    acc = torch.float64 if any(m.dtype == torch.float64 for m in masks) else torch.float32
+    if how == "count":
+        kept = torch.stack([m.sum(dtype=acc) for m in masks]).sum()
+        total = float(sum(m.numel() for m in masks))
+        s = total / torch.clamp_min(kept, total / max_scale)
+    else:
+        full = torch.stack([u.square().sum(dtype=acc) for u in updates]).sum()
+        part = torch.stack([(m * u).square().sum(dtype=acc) for m, u in zip(masks, updates)]).sum()
+        s = torch.sqrt(full / part).clamp(1.0, max_scale)  # part <= full: the ratio is >= 1
+        s = torch.where(part > 0, s, torch.ones_like(s))
+    return s
 
 
 def _check_confidence(c: float) -> None:

@@ -130,7 +130,8 @@ def test_frozen_coordinates_never_move(kind, cfg, foreach):
     model, ref_model = _mlp(), _mlp()
     gen = torch.Generator().manual_seed(3)
     frozen = [torch.rand(p.shape, generator=gen) < 0.5 for p in model.parameters()]
-    opt = _ours(kind, model, cfg, foreach, confidence=0.3, engine=FixedEngine(frozen))
+    # the unscaled step lr·m⊙u (the step-length option has its own tests in test_rescale.py)
+    opt = _ours(kind, model, cfg, foreach, confidence=0.3, engine=FixedEngine(frozen), rescale=None)
     ref = _torch_twin(kind, ref_model.parameters(), cfg, foreach)
     start = [p.detach().clone() for p in model.parameters()]
     fb, rb = _batches(0)
@@ -154,7 +155,7 @@ def test_masked_sgd_step_equals_independent_composition(c, foreach):
     """p_new = p − lr·m⊙u with u from torch.optim.SGD and m from per-sample-loop z-scores."""
     model = _mlp(1)
     opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True,
-                             model=model, confidence=c, foreach=foreach)
+                             model=model, confidence=c, foreach=foreach, rescale=None)
     twin = copy.deepcopy(model)
     ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
     params, tparams = list(model.parameters()), list(twin.parameters())
@@ -486,7 +487,8 @@ def test_masked_default_direction_matches_loop_reference(c):
     with an adjusted threshold) against float64 per-sample loops and SGD written out by hand."""
     model = _mlp(3)
     params = list(model.parameters())
-    opt = ProbablyAlignedSGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, model=model, confidence=c)
+    opt = ProbablyAlignedSGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, model=model, confidence=c,
+                             rescale=None)
     q = normal_quantile(c)
     bufs = [None] * len(params)
     mismatched = kept = total = 0

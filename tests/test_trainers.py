@@ -115,7 +115,8 @@ def test_closure_only_trainer_unlearns_with_staged_batches():
     steps, size = 25, 24
     assert _acc(model, forget) > 0.95 and _acc(model, retain) > 0.95
 
-    opt = ProbablyAlignedSGD(model.parameters(), lr=0.05, momentum=0.9, model=model)  # confidence 0.95
+    # the strict test with the unscaled step: every step keeps some, never all, coordinates
+    opt = ProbablyAlignedSGD(model.parameters(), lr=0.05, momentum=0.9, model=model, confidence=0.95, rescale=None)
     loader = _Current(_minibatches(forget, retain, steps, size, seed=1))
     # the trainer never passes batches: a step pre-hook stages the current ones (true labels)
     opt.register_step_pre_hook(lambda o, args, kwargs: o.stage(forget=loader.last[0], retain=loader.last[1]))
@@ -134,7 +135,7 @@ def test_closure_only_trainer_unlearns_with_staged_batches():
     # reference: the same run passing the batches to step() explicitly
     ref = _mlp()
     ref.load_state_dict(start)
-    ref_opt = ProbablyAlignedSGD(ref.parameters(), lr=0.05, momentum=0.9, model=ref)
+    ref_opt = ProbablyAlignedSGD(ref.parameters(), lr=0.05, momentum=0.9, model=ref, confidence=0.95, rescale=None)
     for fb, rb in _minibatches(forget, retain, steps, size, seed=1):
         ref_opt.zero_grad()
         _neggrad_plus(ref, fb, rb).backward()

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..mask import Constraint, Term, _coeff, _keep, _masked_add_terms, feasibility_mask, feasibility_masks, quantile
+from ..mask import RESCALE_MODES, RESCALE_SCOPES, Constraint, Term, _coeff, _keep, _masked_add_terms, \
+    feasibility_mask, feasibility_masks, quantile, step_scale
 from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
 from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, unwrap_model, validate_batch
@@ -121,16 +122,29 @@ class _Side:
         return _Side(self.means, self.m2s, self.n, self.q + delta, self.sign)
 
 
+Rescale = tuple[str, str, float]  # (how, scope, max_scale) of the step-length option
+
+
 class _GroupMask:
     """Per-group mask inputs (``None``: that constraint is not tested). The update functionals hand
-    it ``u`` and it applies ``θ ← θ − lr·m⊙u``, recording the kept counts; when ``defer`` is set it
-    only records ``u`` so that the whole step can be certified before anything moves."""
+    it ``u`` and it applies ``θ ← θ − lr·s·m⊙u`` (``s``: the step-length factor, 1 without
+    ``rescale``), recording the kept counts; when ``defer`` is set it only records ``u``, so that the
+    whole step can be certified, or its length set over several tensors, before anything moves."""
 
     def __init__(
-        self, forget: _Side | None, retain: _Side | None, soft: bool, defer: bool = False, m2_scratch: bool = False
+        self,
+        forget: _Side | None,
+        retain: _Side | None,
+        soft: bool,
+        defer: bool = False,
+        m2_scratch: bool = False,
+        rescale: Rescale | None = None,
     ) -> None:
         self.forget, self.retain, self.soft, self.defer = forget, retain, soft, defer
         self.m2_scratch = m2_scratch  # the second moments are the step's own (Σg²): the mask may overwrite them
+        self.rescale = rescale
+        # a length set over a group or every group needs all of their masks first
+        self.needs_all = rescale is not None and rescale[1] != "tensor"
         self.kept: list[Tensor] = []
         self.pending: list[tuple[int, Tensor, Tensor, float]] = []
         # masked_add_'s fused update needs a hard mask with thresholds q >= 0 (one q per side)
@@ -138,11 +152,22 @@ class _GroupMask:
 
     def shifted(self, delta: float) -> _GroupMask:
         """The same tests with every threshold raised by ``delta``."""
-        return _GroupMask(*(None if s is None else s.shifted(delta) for s in (self.forget, self.retain)), self.soft)
+        return _GroupMask(
+            *(None if s is None else s.shifted(delta) for s in (self.forget, self.retain)), self.soft, rescale=self.rescale
+        )
 
     def apply_single(self, i: int, param: Tensor, u: Tensor, lr: float) -> None:
         if self.defer:
             self.pending.append((i, param, u.clone(), lr))
+            return
+        if self.rescale is not None:  # per-tensor length: the whole mask is needed before the update
+            if self._fused:
+                m = _keep(u, [side.terms[i] for side in (self.forget, self.retain) if side], self.m2_scratch)
+            else:
+                m = self.single(i, u)
+            self.kept.append(m.sum(dtype=torch.float64))
+            how, _, cap = self.rescale
+            param.addcmul_(u, m.mul_(step_scale([m], [u], how, cap)), value=-lr)
             return
         if not self._fused:
             m = self.single(i, u)
@@ -162,8 +187,14 @@ class _GroupMask:
             self.pending.extend((i, p, u.clone(), lr) for i, p, u in zip(idx, params, us))
             return
         masks = self.many(idx, us)
+        if self.rescale is not None:
+            self.kept.extend(m.sum(dtype=torch.float64) for m in masks)
+            how, _, cap = self.rescale
+            for m, u in zip(masks, us):
+                m.mul_(step_scale([m], [u], how, cap))
+        else:
+            self.kept.extend(torch._foreach_norm(masks, 1))
         torch._foreach_addcmul_(params, us, masks, value=-lr)
-        self.kept.extend(torch._foreach_norm(masks, 1))
 
     def single(self, i: int, u: Tensor) -> Tensor:
         return feasibility_mask(
@@ -180,6 +211,40 @@ class _GroupMask:
             [self.retain[i] for i in idx] if self.retain else None,
             self.soft,
         )
+
+
+Pending = list[tuple[_GroupMask, tuple[int, Tensor, Tensor, float]]]
+
+
+def _pending(masks: Sequence[_GroupMask | None]) -> Pending:
+    return [(gm, item) for gm in masks if gm is not None for item in gm.pending]
+
+
+def _scales(pending: Pending, ms: Sequence[Tensor]) -> list[Tensor | None]:
+    """The step-length factor of each deferred update (``None``: not rescaled). Scope ``"tensor"``
+    sets each tensor's length, ``"group"`` one length per param group, ``"global"`` one length for
+    every group that asks for it (pooled by ``(how, max_scale)``)."""
+    out: list[Tensor | None] = [None] * len(pending)
+    pools: dict[tuple, list[int]] = {}
+    for j, (gm, _) in enumerate(pending):
+        if gm.rescale is None:
+            continue
+        how, scope, cap = gm.rescale
+        key = (j,) if scope == "tensor" else (id(gm),) if scope == "group" else ("global", how, cap)
+        pools.setdefault(key, []).append(j)
+    for js in pools.values():
+        how, _, cap = pending[js[0]][0].rescale  # type: ignore[misc]
+        s = step_scale([ms[j] for j in js], [pending[j][1][2] for j in js], how, cap)
+        for j in js:
+            out[j] = s
+    return out
+
+
+def _apply_pending(pending: Pending, ms: Sequence[Tensor]) -> None:
+    """``θ ← θ − lr·s·m⊙u`` for every deferred update, recording the kept counts (before ``s``)."""
+    for (gm, (_, p, u, lr)), m, s in zip(pending, ms, _scales(pending, ms)):
+        gm.kept.append(m.sum(dtype=torch.float64))
+        p.addcmul_(u, m if s is None else m * s, value=-lr)
 
 
 def _total(counts: list[Tensor]) -> Tensor:
@@ -224,6 +289,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         certify: float | None = None,
         certify_policy: str = "tighten",
         certify_tries: int = 8,
+        rescale: str | None = "count",
+        rescale_scope: str = "tensor",
+        max_scale: float = 100.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -238,6 +306,9 @@ class ProbablyAlignedOptimizer(Optimizer):
             retain_confidence=retain_confidence,
             quantile=quantile,
             soft=soft,
+            rescale=rescale,
+            rescale_scope=rescale_scope,
+            max_scale=max_scale,
         )
         self.model = model
         self.loss_fn = loss_fn
@@ -265,6 +336,13 @@ class ProbablyAlignedOptimizer(Optimizer):
             _validate_confidence(group[key], key)
         if group["quantile"] not in ("normal", "t"):
             raise ValueError(f"quantile must be 'normal' or 't', got {group['quantile']!r}")
+        if group["rescale"] not in RESCALE_MODES:
+            raise ValueError(f"rescale must be None, 'count' or 'norm', got {group['rescale']!r}")
+        if group["rescale_scope"] not in RESCALE_SCOPES:
+            raise ValueError(f"rescale_scope must be 'tensor', 'group' or 'global', got {group['rescale_scope']!r}")
+        cap = group["max_scale"]
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 1.0 <= cap < math.inf:
+            raise ValueError(f"max_scale must be a finite number >= 1, got {cap!r}")
         if group.get("fused"):
             raise ValueError(f"{type(self).__name__} does not support fused=True")
         if group.get("differentiable"):
@@ -284,6 +362,9 @@ class ProbablyAlignedOptimizer(Optimizer):
             group.setdefault("retain_confidence", None)
             group.setdefault("quantile", "normal")
             group.setdefault("soft", False)
+            # state saved before the step-length option existed, or by torch.optim: this optimizer's own
+            for key in ("rescale", "rescale_scope", "max_scale"):
+                group.setdefault(key, self.defaults.get(key))
 
     @staticmethod
     def _effective(group: dict[str, Any], side: str) -> float | None:
@@ -430,7 +511,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         snapshot = self._snapshot_state(work) if certify and self.certify_policy == "skip" else None
         for group, params, grads, mask in work:
             if mask is not None:
-                mask.defer = certify
+                mask.defer = certify or mask.needs_all
             self._update_group(group, params, grads, mask, grads_owned=direction == "stats")
         report = None
         if certify and test_r and check_retain is None and not self._warned_same_batch:
@@ -448,6 +529,10 @@ class ProbablyAlignedOptimizer(Optimizer):
             )
             if report.action == "skipped":
                 self._restore_state(snapshot)
+        else:
+            pending = _pending([w[3] for w in work])
+            if pending:  # lengths set over groups: every mask is known now
+                _apply_pending(pending, [gm.single(i, u) for gm, (i, _, u, _) in pending])
         kept = [None if m is None else m.kept for _, _, _, m in work]
         total = [sum(p.numel() for p in params) for _, params, _, _ in work]
         skipped = report is not None and report.action == "skipped"
@@ -463,14 +548,14 @@ class ProbablyAlignedOptimizer(Optimizer):
     ) -> Certificate:
         """Pick the smallest threshold shift whose masked step passes the whole-update tests, apply
         it (or nothing, for the "skip" policy) and report."""
-        pending = [(gm, item) for gm in masks if gm is not None for item in gm.pending]
+        pending = _pending(masks)
         kind = "t" if all(g["quantile"] == "t" for g in self.param_groups) else "normal"
         params = [p for _, (_, p, _, _) in pending]
 
         def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor]]:
             shifted = {id(gm): gm.shifted(delta) if delta else gm for gm in masks if gm is not None}
             ms = [shifted[id(gm)].single(i, u) for gm, (i, _, u, _) in pending]
-            tangents = [m * u for m, (_, (_, _, u, _)) in zip(ms, pending)]
+            tangents = [m * u if s is None else m * u * s for m, (_, (_, _, u, _)), s in zip(ms, pending, _scales(pending, ms))]
             ok, t_r, t_f = True, None, None
             if check_retain is not None:  # ⟨m⊙u, g_r⟩ ≥ 0: the step does not raise the retain loss
                 passed, t_r = one_sided_test(self._directional(params, tangents, check_retain), self.certify, kind)
@@ -503,9 +588,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             else:
                 delta, action = hi, "tightened"
                 _, t_r, t_f, ms = best
-        for (gm, (_, p, u, lr)), m in zip(pending, ms):
-            p.addcmul_(u, m, value=-lr)
-            gm.kept.append(m.sum())
+        _apply_pending(pending, ms)
         return Certificate(action, tries, delta, t_r, t_f, self.certify)
 
     def _snapshot_state(self, work: list) -> dict[int, tuple[Tensor, dict[str, Any]]]:
@@ -627,7 +710,8 @@ class ProbablyAlignedOptimizer(Optimizer):
             sides.append(_Side([stats.mean[i] for i in idx], [stats.m2[i] for i in idx], stats.n, q, sign))
         if sides[0] is None and sides[1] is None:
             return None
-        return _GroupMask(sides[0], sides[1], group["soft"], m2_scratch=sq)
+        rescale = (group["rescale"], group["rescale_scope"], float(group["max_scale"])) if group["rescale"] else None
+        return _GroupMask(sides[0], sides[1], group["soft"], m2_scratch=sq, rescale=rescale)
 
     def _update_group(
         self,

@@ -26,7 +26,8 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as torch.optim.Adam.
         decoupled_weight_decay: AdamW's decoupled decay.
         model, loss_fn, confidence, forget_confidence, retain_confidence, quantile, soft, chunk_size,
-        engine, forget_weight, retain_weight, certify, certify_policy, certify_tries: see
+        engine, forget_weight, retain_weight, certify, certify_policy, certify_tries, rescale,
+        rescale_scope, max_scale: see
         :class:`~masked_optim.ProbablyAlignedSGD`.
     """
 
@@ -54,6 +55,9 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         certify: float | None = None,
         certify_policy: str = "tighten",
         certify_tries: int = 8,
+        rescale: str | None = "count",
+        rescale_scope: str = "tensor",
+        max_scale: float = 100.0,
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
@@ -102,6 +106,9 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
             certify=certify,
             certify_policy=certify_policy,
             certify_tries=certify_tries,
+            rescale=rescale,
+            rescale_scope=rescale_scope,
+            max_scale=max_scale,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

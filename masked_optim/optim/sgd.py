@@ -43,6 +43,13 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         certify_policy: when the test fails, ``"tighten"`` raises every threshold (doubling, then
             bisection, at most ``certify_tries`` evaluations; an empty step if none passes) or
             ``"skip"`` undoes the step, state included. ``diagnostics.certificate`` says which.
+        rescale: the masked step's length, independent of how many coordinates the mask keeps:
+            ``"count"`` multiplies ``m⊙u`` by ``1/mean(m)``, ``"norm"`` by ``‖u‖/‖m⊙u‖``, both capped at
+            ``max_scale``; ``None`` leaves ``lr·m⊙u`` as it is (see :func:`~masked_optim.step_scale`).
+            The sign of the step's first-order effect on either loss does not depend on it.
+        rescale_scope: ``"tensor"`` (each parameter's length), ``"group"`` (one factor per param
+            group) or ``"global"`` (one factor for all groups that ask for it).
+        max_scale: the largest factor (``"count"``: the kept fraction is floored at ``1/max_scale``).
     """
 
     def __init__(
@@ -68,6 +75,9 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         certify: float | None = None,
         certify_policy: str = "tighten",
         certify_tries: int = 8,
+        rescale: str | None = "count",
+        rescale_scope: str = "tensor",
+        max_scale: float = 100.0,
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,
@@ -109,6 +119,9 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
             certify=certify,
             certify_policy=certify_policy,
             certify_tries=certify_tries,
+            rescale=rescale,
+            rescale_scope=rescale_scope,
+            max_scale=max_scale,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -1,0 +1,229 @@
+"""The step-length option (``rescale``) against hand computations: p_new = p − lr·s·m⊙u with u from
+torch.optim, m a known (or per-sample-loop) mask and s computed here from its definition."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from masked_optim import (
+    GradStats,
+    ProbablyAlignedAdam,
+    ProbablyAlignedAdamW,
+    ProbablyAlignedSGD,
+    normal_quantile,
+    step_scale,
+)
+
+from .helpers import loop_moments, reference_z
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+def _batches(seed, n_f=10, n_r=16):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        (torch.randn(n_f, 6, generator=g), torch.randint(0, 4, (n_f,), generator=g)),
+        (torch.randn(n_r, 6, generator=g), torch.randint(0, 4, (n_r,), generator=g)),
+    )
+
+
+class FixedEngine:
+    """μ_r = μ_f = +1 (se = 0) on ``frozen`` coordinates, so one of the two z's is −∞ whatever sign u
+    has; μ = 0 elsewhere, z = 0 > q for c < 0.5: the mask is exactly ``~frozen``."""
+
+    def __init__(self, frozen):
+        self.frozen = frozen
+
+    def __call__(self, model, params, batch, loss_fn=None):
+        means = [f.float() for f in self.frozen]
+        return GradStats(len(batch[1]), means, [torch.zeros_like(m) for m in means], torch.tensor(0.0))
+
+
+def _hand_scale(ms, us, how, cap):
+    """s from the definition, in float64 with Python arithmetic."""
+    if how == "count":
+        frac = sum(float(m.double().sum()) for m in ms) / sum(m.numel() for m in ms)
+        return 1.0 / max(frac, 1.0 / cap)
+    full = math.sqrt(sum(float((u.double() ** 2).sum()) for u in us))
+    part = math.sqrt(sum(float(((m.double() * u.double()) ** 2).sum()) for m, u in zip(ms, us)))
+    return 1.0 if part == 0 else min(full / part, cap)
+
+
+KINDS = {
+    "sgd": (ProbablyAlignedSGD, lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.05),
+            dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.05), "momentum_buffer"),
+    "adam": (ProbablyAlignedAdam, lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.05, amsgrad=True),
+             dict(lr=0.01, weight_decay=0.05, amsgrad=True), "exp_avg"),
+    "adamw": (ProbablyAlignedAdamW, lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.05),
+              dict(lr=0.01, weight_decay=0.05), "exp_avg_sq"),
+}
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("scope", ["tensor", "group", "global"])
+@pytest.mark.parametrize("how, cap", [("count", 100.0), ("count", 1.5), ("norm", 100.0), ("norm", 1.2)])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_rescaled_step_equals_hand_computation(kind, how, cap, scope, foreach):
+    cls, make_ref, cfg, state_key = KINDS[kind]
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(5)
+    # each tensor keeps a different share, so per-tensor, per-group and global factors all differ
+    shares = [0.05, 0.3, 0.6, 0.9]
+    frozen = [torch.rand(p.shape, generator=gen) >= s for p, s in zip(model.parameters(), shares)]
+    params, tparams = list(model.parameters()), list(twin.parameters())
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}], model=model, engine=FixedEngine(frozen),
+              confidence=0.3, rescale=how, rescale_scope=scope, max_scale=cap, foreach=foreach, **cfg)
+    ref = make_ref([{"params": tparams[:2]}, {"params": tparams[2:]}])
+    fb, rb = _batches(0)
+    ms = [(~f).float() for f in frozen]
+    for _ in range(6):  # several steps: the moments/momentum evolve as torch.optim's
+        with torch.no_grad():
+            for t, p in zip(tparams, params):
+                t.copy_(p)
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, t, g in zip(params, tparams, grads):
+            p.grad, t.grad = g.clone(), g.clone()
+        old = [p.detach().clone() for p in params]
+        ref.step()
+        opt.step(forget=fb, retain=rb)
+        lr = cfg["lr"]
+        us = [(o - t.detach()) / lr for o, t in zip(old, tparams)]  # torch.optim's own update
+        if scope == "tensor":
+            scales = [_hand_scale([m], [u], how, cap) for m, u in zip(ms, us)]
+        elif scope == "group":
+            s1, s2 = _hand_scale(ms[:2], us[:2], how, cap), _hand_scale(ms[2:], us[2:], how, cap)
+            scales = [s1, s1, s2, s2]
+        else:
+            scales = [_hand_scale(ms, us, how, cap)] * 4
+        assert all(1.0 <= s <= cap for s in scales)
+        for p, o, u, m, s in zip(params, old, us, ms, scales):
+            expected = o.double() - lr * s * m.double() * u.double()
+            torch.testing.assert_close(p.double(), expected, atol=1e-6 * cap, rtol=1e-5)
+        for p, t in zip(params, tparams):
+            torch.testing.assert_close(opt.state[p][state_key], ref.state[t][state_key])
+    kept = sum(float(m.sum()) for m in ms) / sum(m.numel() for m in ms)
+    assert opt.diagnostics.kept_fraction == pytest.approx(kept)  # the mask's share, not the scaled one
+
+
+def test_cap_binds_and_scale_is_one_without_kept_coordinates():
+    m = torch.zeros(1000)
+    m[:3] = 1.0
+    u = torch.randn(1000)
+    assert float(step_scale([m], [u], "count", 100.0)) == pytest.approx(100.0)  # 0.3 % kept, floor 1 %
+    assert float(step_scale([m], [u], "count", 1000.0)) == pytest.approx(1000 / 3, rel=1e-6)
+    zero = torch.zeros(1000)
+    assert float(step_scale([zero], [u], "norm", 100.0)) == 1.0
+    assert float(step_scale([torch.ones(10)], [torch.randn(10)], "norm", 100.0)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="max_scale"):
+        step_scale([m], [u], "count", 0.5)
+    with pytest.raises(ValueError, match="rescale"):
+        step_scale([m], [u], "length", 10.0)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_default_step_is_rescaled_hard_mask_of_per_sample_tests(foreach):
+    """The optimizer as constructed with no mask option: p_new = p − lr·s·m⊙u, m from per-sample-loop
+    z-scores at the default confidence, s = 1/max(mean(m), 1/100) per tensor; u = torch.optim.SGD's."""
+    model = _mlp(1)
+    opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, model=model, foreach=foreach)
+    g = opt.param_groups[0]
+    twin = copy.deepcopy(model)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    params, tparams = list(model.parameters()), list(twin.parameters())
+    qf, qr = (normal_quantile(opt._effective(g, s)) if opt._effective(g, s) else None for s in ("forget", "retain"))
+    mismatched = kept = total = 0
+    for step in range(4):
+        fb, rb = _batches(20 + step, n_f=24, n_r=32)
+        with torch.no_grad():
+            for t, p in zip(tparams, params):
+                t.copy_(p)
+        for m_, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            (torch.nn.functional.cross_entropy(m_(rb[0]), rb[1])
+             - torch.nn.functional.cross_entropy(m_(fb[0]), fb[1])).backward()
+        old = [p.detach().clone() for p in params]
+        ref.step()
+        _, mf, m2f = loop_moments(model, params, *fb)
+        _, mr, m2r = loop_moments(model, params, *rb)
+        opt.step(forget=fb, retain=rb)
+        for i, p in enumerate(params):
+            lr_u = (old[i] - tparams[i].detach()).double()
+            s = torch.sign(lr_u)
+            m = s != 0
+            if qf is not None:
+                m &= reference_z(-s, mf[i], m2f[i], 24) > qf
+            if qr is not None:
+                m &= reference_z(s, mr[i], m2r[i], 32) > qr
+            scale = 1.0 / max(m.double().mean().item(), 1.0 / g["max_scale"])
+            expected = old[i].double() - scale * m.double() * lr_u
+            mismatched += ((p.double() - expected).abs() > 1e-6 * scale).sum().item()
+            kept += m.sum().item()
+            total += m.numel()
+    assert g["rescale"] == "count" and g["rescale_scope"] == "tensor"
+    assert 0.0 < kept / total < 0.95, kept / total
+    assert mismatched <= 2, mismatched  # float32 vs float64 statistics at the threshold
+
+
+@pytest.mark.parametrize("how", ["count", "norm"])
+def test_soft_mask_rescaled(how):
+    """Soft weights w = Φ(z_r − q)·Φ(z_f − q) from per-sample-loop z-scores; p_new = p − lr·s·w⊙u."""
+    model = _mlp(2)
+    opt = ProbablyAlignedSGD(model.parameters(), lr=0.05, model=model, confidence=0.8, soft=True, rescale=how,
+                             max_scale=50.0)
+    fb, rb = _batches(3)
+    params = list(model.parameters())
+    old = [p.detach().clone() for p in params]
+    opt.zero_grad()
+    (torch.nn.functional.cross_entropy(model(rb[0]), rb[1])
+     - torch.nn.functional.cross_entropy(model(fb[0]), fb[1])).backward()
+    _, mf, m2f = loop_moments(model, params, *fb)
+    _, mr, m2r = loop_moments(model, params, *rb)
+    opt.step(forget=fb, retain=rb)
+    q = normal_quantile(0.8)
+    for i, (p, o) in enumerate(zip(params, old)):
+        u = p.grad.double()  # no momentum: u is the gradient
+        sg = torch.sign(u)
+        w = (sg != 0).double() * torch.special.ndtr(reference_z(sg, mr[i], m2r[i], 16) - q) \
+            * torch.special.ndtr(reference_z(-sg, mf[i], m2f[i], 10) - q)
+        s = _hand_scale([w], [u], how, 50.0)
+        assert s > 1.0
+        torch.testing.assert_close(p.double(), o.double() - 0.05 * s * w * u, atol=1e-6, rtol=1e-5)
+
+
+def test_certify_tests_the_rescaled_step():
+    """With certify, the step that is tested is the one applied: an accepted step equals the same
+    optimizer's step without certify (the factors included)."""
+    torch.manual_seed(0)
+    a = _mlp(3)
+    b = copy.deepcopy(a)
+    kw = dict(lr=0.05, confidence=0.6, rescale="count", rescale_scope="global", max_scale=20.0)
+    oa = ProbablyAlignedSGD(a.parameters(), model=a, certify=0.5 + 1e-9, **kw)
+    ob = ProbablyAlignedSGD(b.parameters(), model=b, **kw)
+    fb, rb = _batches(4, n_f=32, n_r=32)
+    oa.step(forget=fb, retain=rb, check_retain=rb)
+    ob.step(forget=fb, retain=rb)
+    if oa.diagnostics.certificate.action != "accepted":
+        pytest.skip("the certificate did not accept this step")
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=0)
+
+
+def test_rescale_options_validated_and_restored_from_state_dict():
+    model = _mlp()
+    for bad in (dict(rescale="length"), dict(rescale_scope="layer"), dict(max_scale=0.5), dict(max_scale=True),
+                dict(max_scale=float("inf"))):
+        with pytest.raises(ValueError):
+            ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, **bad)
+    # a torch.optim.SGD state dict has none of the mask keys: the next step must not fail
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ours = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, model=model, rescale="norm")
+    ours.load_state_dict(plain.state_dict())
+    g = ours.param_groups[0]
+    assert (g["rescale"], g["rescale_scope"], g["max_scale"]) == ("norm", "tensor", 100.0)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from masked_optim.workbench.data import ForgetSpec, ImageDataset, ImageSet, UnlearningSplit
-from masked_optim.workbench.metrics import Metrics, accuracy, avg_gap, evaluate, mia_efficacy, \
-    svc_mia_efficacy, true_label_confidence
+from masked_optim.workbench.metrics import COLLAPSE_MARGIN, Metrics, accuracy, avg_gap, evaluate, \
+    is_collapsed, majority_rate, mia_efficacy, svc_mia_efficacy, true_label_confidence
 
 class ConfidenceProbe(nn.Module):
     """Two-class model whose softmax probability of class 0 is the (single) input value."""
@@ -135,3 +135,65 @@ def test_evaluate_flags_non_finite_outputs():
     met = evaluate(Overflow(), split)
     assert met.diverged and met.RA == 0.0 and met.FA == 0.0
     assert set(met.as_dict()) == {"FA", "RA", "TA", "MIA", "UA"}
+
+
+def test_majority_rate_by_hand():
+    # class 2 holds 4 of 8 labels; the other classes 2, 1 and 1.
+    labels = [0, 0, 1, 2, 2, 2, 2, 3]
+    assert majority_rate(labels) == pytest.approx(50.0)
+    assert majority_rate(torch.tensor(labels)) == pytest.approx(50.0)
+    assert majority_rate(np.array([7, 7, 9])) == pytest.approx(200 / 3)  # labels need not start at 0
+    assert majority_rate([5]) == 100.0
+    assert math.isnan(majority_rate([]))
+
+
+def test_collapse_rule_is_majority_plus_ten_points():
+    assert COLLAPSE_MARGIN == 10.0
+    assert is_collapsed(60.0, 50.0)  # the boundary is collapsed
+    assert not is_collapsed(60.01, 50.0)
+    assert is_collapsed(0.0, 10.0) and is_collapsed(20.0, 10.0) and not is_collapsed(95.0, 10.0)
+    assert is_collapsed(31.0, 11.0, margin=20.0) and not is_collapsed(31.0, 11.0)
+    assert not is_collapsed(float("nan"), 50.0) and not is_collapsed(50.0, float("nan"))
+
+
+def _labelled_split(train_values, train_labels, test_values, test_labels, forget_idx):
+    train, test = _imageset(train_values, train_labels), _imageset(test_values, test_labels)
+    data = ImageDataset("probe", train, test, ("a", "b"))
+    forget = torch.tensor(forget_idx)
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[forget] = False
+    return UnlearningSplit(data, ForgetSpec("random", 0.5), forget, keep.nonzero().flatten(),
+                           torch.arange(len(test)))
+
+
+@pytest.mark.parametrize("n_wrong, ra, collapsed", [(0, 100.0, False), (2, 80.0, False),
+                                                    (3, 70.0, True), (4, 60.0, True)])
+def test_evaluate_flags_collapse_against_the_hand_computed_majority(n_wrong, ra, collapsed):
+    # Retain labels: six 0s and four 1s, so the majority rate is 60 % and the threshold 70 %.
+    retain_labels = [0, 1, 0, 1, 0, 1, 0, 1, 0, 0]
+    # ConfidenceProbe predicts class 0 when the value is above 0.5: the right value per label,
+    # then the first n_wrong class-1 samples turned into class-0 predictions.
+    values = [0.9 if y == 0 else 0.1 for y in retain_labels]
+    for i in [i for i, y in enumerate(retain_labels) if y == 1][:n_wrong]:
+        values[i] = 0.9
+    forget_values, forget_labels = [0.9, 0.1], [0, 1]
+    split = _labelled_split(forget_values + values, forget_labels + retain_labels, [0.9, 0.1], [0, 1],
+                            [0, 1])
+    met = evaluate(ConfidenceProbe(), split)
+    assert met.RA == pytest.approx(ra)
+    assert met.collapsed is collapsed and not met.diverged
+    assert "collapsed" not in met.as_dict()
+
+
+def test_constant_model_is_collapsed_and_a_good_one_is_not():
+    retain_labels = [0] * 3 + [1] * 7  # majority 70 %
+    values = [0.9] * 3 + [0.1] * 7
+    split = _labelled_split([0.9, 0.9] + values, [0, 0] + retain_labels, [0.9, 0.1], [0, 1], [0, 1])
+
+    class AlwaysOne(nn.Module):  # predicts the majority class: RA 70 %, exactly the majority rate
+        def forward(self, x):
+            return torch.tensor([0.0, 1.0]).expand(len(x), 2)
+
+    met = evaluate(AlwaysOne(), split)
+    assert met.RA == pytest.approx(70.0) and met.collapsed
+    assert not evaluate(ConfidenceProbe(), split).collapsed  # RA 100 %

@@ -1,7 +1,7 @@
 """The numbers unlearning papers compare (DESIGN §6): FA/RA/TA, UA, MIA-efficacy, gap to retrain."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,11 +11,14 @@ from torch import Tensor, nn
 from .data import ImageSet, UnlearningSplit
 
 __all__ = [
+    "COLLAPSE_MARGIN",
     "GAP_METRICS",
     "Metrics",
     "accuracy",
     "avg_gap",
     "evaluate",
+    "is_collapsed",
+    "majority_rate",
     "mia_efficacy",
     "svc_mia_efficacy",
     "true_label_confidence",
@@ -23,12 +26,38 @@ __all__ = [
 
 GAP_METRICS = ("FA", "RA", "TA", "MIA")
 
+#: Percentage points above the majority-class rate within which a retain accuracy counts as
+#: collapsed (DESIGN §6).
+COLLAPSE_MARGIN = 10.0
+
+
+def majority_rate(labels: Tensor | np.ndarray | Sequence[int]) -> float:
+    """Share of the most frequent class among ``labels``, in percent (like the accuracies):
+    the retain accuracy of a model that predicts that one class everywhere. NaN when empty."""
+    y = torch.as_tensor(np.asarray(labels)).flatten().long()
+    if y.numel() == 0:
+        return float("nan")
+    return 100.0 * float(torch.bincount(y - y.min()).max()) / y.numel()
+
+
+def is_collapsed(ra: float, majority: float, margin: float = COLLAPSE_MARGIN) -> bool:
+    """Whether a retain accuracy ``ra`` (percent) is near chance: ``ra ≤ majority + margin``,
+    ``majority`` being :func:`majority_rate` of the retain labels.
+
+    Such a model predicts (almost) one class, and its MIA lands at 0 or 100, which can make its
+    gap to retrain look deceptively good (DESIGN §6). NaN inputs are not collapsed.
+    """
+    return bool(ra <= majority + margin)  # False for NaN
+
 
 @dataclass(frozen=True)
 class Metrics:
     """Accuracies on forget/retain/test and MIA-efficacy, all in percent.
 
-    ``diverged`` is set when the model gave non-finite outputs on some evaluated sample.
+    ``diverged`` is set when the model gave non-finite outputs on some evaluated sample;
+    ``collapsed`` when its retain accuracy is within :data:`COLLAPSE_MARGIN` points of the
+    majority-class rate of the retain set (:func:`is_collapsed`): it predicts near chance, and its
+    gap to retrain must not be read as a good result. Neither flag enters :meth:`as_dict`.
     """
 
     FA: float
@@ -36,6 +65,7 @@ class Metrics:
     TA: float
     MIA: float
     diverged: bool = False
+    collapsed: bool = False
 
     @property
     def UA(self) -> float:
@@ -147,7 +177,8 @@ def mia_efficacy(model: nn.Module, split: UnlearningSplit, batch_size: int = 102
 
 
 def evaluate(model: nn.Module, split: UnlearningSplit, batch_size: int = 1024) -> Metrics:
-    """FA, RA, TA and MIA-efficacy of ``model`` on ``split`` (one forward pass per set)."""
+    """FA, RA, TA and MIA-efficacy of ``model`` on ``split`` (one forward pass per set), with the
+    ``diverged`` and ``collapsed`` flags (see :class:`Metrics`)."""
     train, test = split.data.train, split.data.test
     lf, yf = _logits(model, train, split.forget_idx, batch_size)
     lr, yr = _logits(model, train, split.retain_idx, batch_size)
@@ -155,8 +186,9 @@ def evaluate(model: nn.Module, split: UnlearningSplit, batch_size: int = 1024) -
     n = len(split.test_idx)  # members: the first N retain samples, as in mia_efficacy
     mia = svc_mia_efficacy(_confidence(lr[:n], yr[:n]), _confidence(lt, yt), _confidence(lf, yf))
     finite = all(bool(torch.isfinite(t).all()) for t in (lf, lr, lt))
-    return Metrics(FA=_accuracy(lf, yf), RA=_accuracy(lr, yr), TA=_accuracy(lt, yt), MIA=mia,
-                   diverged=not finite)
+    ra = _accuracy(lr, yr)
+    return Metrics(FA=_accuracy(lf, yf), RA=ra, TA=_accuracy(lt, yt), MIA=mia, diverged=not finite,
+                   collapsed=is_collapsed(ra, majority_rate(yr)))
 
 
 def avg_gap(metrics: Metrics | Mapping[str, float], retrain: Metrics | Mapping[str, float]) -> float:

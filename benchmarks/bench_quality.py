@@ -182,7 +182,8 @@ def run_api(args: argparse.Namespace, grid: dict[str, Any], cache_dir: str | Non
                     method = W["get_method"](name, epochs=grid["epochs"])
                     r = W["run_unlearning"](copy.deepcopy(orig), method, split, masked=masked, lr=lr,
                                             batch_size=args.batch_size or 64, optimizer=args.optimizer,
-                                            confidence=args.confidence, seed=seed, optimizer_kwargs=opt_kwargs)
+                                            mask_options={"confidence": args.confidence} if masked else None,
+                                            seed=seed, optimizer_kwargs=opt_kwargs)
                     met = _metrics_dict(r.metrics)
                     met["gap"] = W["avg_gap"](met, m_retr)
                     runs.append({"method": method.name, "lr": lr, "variant": "masked" if masked else "plain",

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["MASK_FLAGS", "build_parser", "config_from_args", "main", "mask_options_from_args"]
 
 _SUBCOMMANDS = ("unlearn", "methods")
 
@@ -29,6 +29,53 @@ def _lrs(text: str) -> tuple[float, ...] | None:
     if text.strip().lower() == "recipe":
         return None
     return _csv(float)(text)  # type: ignore[operator,no-any-return]
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    # "(default: None)" says nothing: options whose default is None explain it in their help.
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+#: argparse destination -> optimizer keyword of the mask options of ``unlearn``; a flag not given
+#: is not passed, so the optimizer's own default applies.
+MASK_FLAGS = {
+    "confidence": "confidence", "forget_confidence": "forget_confidence",
+    "retain_confidence": "retain_confidence", "quantile": "quantile", "soft": "soft",
+    "rescale": "rescale", "rescale_scope": "rescale_scope", "max_scale": "max_scale",
+    "certify": "certify", "certify_policy": "certify_policy",
+}
+
+
+def _add_mask_flags(u: argparse.ArgumentParser) -> None:
+    g = u.add_argument_group(
+        "mask of the masked runs",
+        "Keyword arguments of ProbablyAlignedSGD/Adam for the masked runs. A flag not given is not "
+        "passed: the optimizer's own default applies (see its documentation). The plain runs use "
+        "confidence=None, forget_confidence=None, retain_confidence=None, i.e. torch.optim.")
+    g.add_argument("--confidence", type=float, default=None,
+                   help="confidence of both alignment tests")
+    g.add_argument("--forget-confidence", type=float, default=None,
+                   help="confidence of the forget-side test (overrides --confidence)")
+    g.add_argument("--retain-confidence", type=float, default=None,
+                   help="confidence of the retain-side test (overrides --confidence)")
+    g.add_argument("--quantile", choices=("normal", "t"), default=None,
+                   help="threshold quantile of the tests: normal or Student-t")
+    g.add_argument("--soft", action=argparse.BooleanOptionalAction, default=None,
+                   help="soft mask (weights Φ(z − q)) or, with --no-soft, the 0/1 mask")
+    g.add_argument("--rescale", choices=("none", "count", "norm"), default=None,
+                   help="masked step length: none (lr·m⊙u as it is), count (÷ kept fraction) or "
+                        "norm (the unmasked update's norm)")
+    g.add_argument("--rescale-scope", choices=("tensor", "group", "global"), default=None,
+                   help="what one rescaling factor covers")
+    g.add_argument("--max-scale", type=float, default=None, help="cap of the rescaling factor")
+    g.add_argument("--certify", type=float, default=None,
+                   help="confidence of the whole-update test; each masked step is checked on an "
+                        "independent retain batch, disjoint from the step's")
+    g.add_argument("--certify-policy", choices=("tighten", "skip"), default=None,
+                   help="what a step that fails the whole-update test does")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "without the forget set, run every unlearning method with and without the "
                     "probably-aligned mask at every learning rate and seed, and write results.md, "
                     "results.json and PNG plots. The defaults are the digits study.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Formatter)
     g = u.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, choices=DATASETS,
                    help="digits is embedded (scikit-learn); the others are read from --data-root, "
@@ -93,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--confidence", type=float, default=d.confidence,
-                   help="confidence of the alignment test of the masked runs")
+    _add_mask_flags(u)
     g = u.add_argument_group("output")
     g.add_argument("--out", default="masked_optim_results", help="results folder")
     g.add_argument("--trace-points", type=int, default=d.trace_points,
@@ -122,11 +168,41 @@ def _list_methods() -> int:
     return 0
 
 
+def mask_options_from_args(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+    """The mask options of the flags given, in :data:`MASK_FLAGS` order; ``--rescale none``
+    gives ``("rescale", None)``."""
+    options: list[tuple[str, object]] = []
+    for dest, key in MASK_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest == "rescale" and value == "none":
+            value = None
+        options.append((key, value))
+    return tuple(options)
+
+
+def config_from_args(args: argparse.Namespace):  # -> StudyConfig (imported lazily)
+    """The :class:`~masked_optim.workbench.study.StudyConfig` of parsed ``unlearn`` arguments."""
+    from .workbench.study import StudyConfig
+
+    masks = ("plain", "masked") if args.mask == "both" else (args.mask,)
+    return StudyConfig(
+        dataset=args.dataset, data_root=args.data_root, forget=args.forget, model=args.model,
+        norm=args.norm, methods=tuple(args.methods), masks=masks, lrs=args.lrs,
+        seeds=tuple(args.seeds), epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+        mask_options=mask_options_from_args(args), split_seed=args.split_seed,
+        test_fraction=args.test_fraction, train_epochs=args.train_epochs,
+        cache_dir=args.cache_dir, use_cache=not args.no_cache, trace_points=args.trace_points,
+        device=args.device)
+
+
 def _unlearn(args: argparse.Namespace) -> int:
     import torch
 
     from .workbench.report import markdown_report, write_results
-    from .workbench.study import StudyConfig, run_study
+    from .workbench.study import run_study
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,15 +210,7 @@ def _unlearn(args: argparse.Namespace) -> int:
         # The digits models multiply 64x256 matrices: extra threads only add synchronisation,
         # which costs up to 10x on a loaded 2-core machine.
         torch.set_num_threads(1)
-    masks = ("plain", "masked") if args.mask == "both" else (args.mask,)
-    cfg = StudyConfig(
-        dataset=args.dataset, data_root=args.data_root, forget=args.forget, model=args.model,
-        norm=args.norm, methods=tuple(args.methods), masks=masks, lrs=args.lrs,
-        seeds=tuple(args.seeds), epochs=args.epochs, batch_size=args.batch_size,
-        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-        confidence=args.confidence, split_seed=args.split_seed, test_fraction=args.test_fraction,
-        train_epochs=args.train_epochs, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-        trace_points=args.trace_points, device=args.device)
+    cfg = config_from_args(args)
     start = time.perf_counter()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     result = run_study(cfg, progress=not args.quiet, log=log)

@@ -8,9 +8,13 @@ import torch.nn.functional as F
 
 from masked_optim.workbench.data import load_dataset, make_split
 from masked_optim.workbench.methods import FT, GA, RL, Phase
+from masked_optim import ProbablyAlignedSGD
+from masked_optim.workbench import runner
+from masked_optim.workbench.data import ImageSet
 from masked_optim.workbench.metrics import accuracy
 from masked_optim.workbench.models import build_model, resnet18_32
-from masked_optim.workbench.runner import BatchStream, phase_batch_sizes, run_unlearning
+from masked_optim.workbench.runner import BatchStream, check_batch_indices, make_optimizer, \
+    phase_batch_sizes, run_unlearning
 from masked_optim.workbench.training import ModelCache, TrainConfig, augment_batch, reference_model
 
 
@@ -131,3 +135,149 @@ def test_resnet18_for_32x32(norm):
     assert ("GroupNorm" in kinds) == (norm == "group") and ("BatchNorm2d" in kinds) == (norm == "batch")
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+class _Recorder:
+    """Stands in for ProbablyAlignedSGD in the runner and records the keywords it is built with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, params, **kwargs):
+        self.calls.append(kwargs)
+        return ProbablyAlignedSGD(params, **kwargs)
+
+
+def test_make_optimizer_passes_only_the_given_mask_options(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(runner, "ProbablyAlignedSGD", rec)
+    model = torch.nn.Linear(3, 2)
+    fixed = {"lr", "momentum", "weight_decay", "model"}
+    make_optimizer(model, lr=0.1, mask_options={"quantile": "t", "soft": True})
+    # nothing the caller did not give: the optimizer's own defaults apply
+    assert set(rec.calls[-1]) - fixed == {"quantile", "soft"}
+    assert rec.calls[-1]["quantile"] == "t" and rec.calls[-1]["soft"] is True
+    make_optimizer(model, lr=0.1)
+    assert set(rec.calls[-1]) == fixed
+    make_optimizer(model, lr=0.1, masked=False)
+    assert {k: v for k, v in rec.calls[-1].items() if k not in fixed} == {
+        "confidence": None, "forget_confidence": None, "retain_confidence": None}
+    # earlier call sites: mask keywords given directly join the options; others pass through
+    make_optimizer(model, lr=0.1, confidence=0.8, engine="vmap")
+    assert rec.calls[-1]["confidence"] == 0.8 and rec.calls[-1]["engine"] == "vmap"
+    with pytest.raises(ValueError, match="both"):
+        make_optimizer(model, lr=0.1, confidence=0.8, mask_options={"confidence": 0.9})
+    with pytest.raises(ValueError, match="plain"):
+        make_optimizer(model, lr=0.1, masked=False, mask_options={"confidence": 0.9})
+
+
+def test_plain_optimizer_has_no_test_whatever_the_defaults():
+    model = torch.nn.Linear(3, 2)
+    opt = make_optimizer(model, lr=0.1, masked=False)
+    for key in ("confidence", "forget_confidence", "retain_confidence"):
+        assert opt.param_groups[0][key] is None
+    masked = make_optimizer(model, "adam", lr=0.1, mask_options={"retain_confidence": 0.7})
+    assert masked.param_groups[0]["retain_confidence"] == 0.7
+
+
+def test_new_mask_options_reach_the_optimizer():
+    import inspect
+
+    accepted = inspect.signature(ProbablyAlignedSGD).parameters
+    options = {k: v for k, v in {"rescale": None, "rescale_scope": "group", "max_scale": 7.0}.items()
+               if k in accepted}
+    if not options:
+        pytest.skip("this optimizer has no rescale options yet")
+    opt = make_optimizer(torch.nn.Linear(3, 2), lr=0.1, mask_options=options)
+    for k, v in options.items():
+        assert opt.param_groups[0].get(k, getattr(opt, k, None)) == v
+
+
+def test_check_batch_indices_are_disjoint_from_the_step_batch():
+    pool = torch.arange(100, 130)
+    exclude = pool[torch.randperm(30, generator=torch.Generator().manual_seed(1))[:12]]
+    got = check_batch_indices(pool, exclude, 12, torch.Generator().manual_seed(0))
+    assert len(got) == 12 and len(set(got.tolist())) == 12
+    assert set(got.tolist()) <= set(pool.tolist()) - set(exclude.tolist())
+    again = check_batch_indices(pool, exclude, 12, torch.Generator().manual_seed(0))
+    assert torch.equal(got, again)
+    # fewer left than asked: all of them
+    assert sorted(check_batch_indices(pool, pool[:25], 12, torch.Generator()).tolist()) == list(range(125, 130))
+
+
+def _record_steps(monkeypatch):
+    """Record the indices behind every batch the runner hands to step()."""
+    made: dict[int, torch.Tensor] = {}
+    steps: list[dict[str, torch.Tensor | None]] = []
+    batch = ImageSet.batch
+
+    def recording_batch(self, idx=None, device=None):
+        out = batch(self, idx, device)
+        made[id(out[0])] = idx.clone()
+        return out
+
+    step = ProbablyAlignedSGD.step
+
+    def recording_step(self, closure=None, **kw):
+        steps.append({k: None if v is None else made[id(v[0])] for k, v in kw.items()})
+        return step(self, closure, **kw)
+
+    monkeypatch.setattr(ImageSet, "batch", recording_batch)
+    monkeypatch.setattr(ProbablyAlignedSGD, "step", recording_step)
+    return steps
+
+
+def test_certified_run_checks_each_step_on_a_disjoint_retain_batch(split, trained, monkeypatch):
+    steps = _record_steps(monkeypatch)
+    res = run_unlearning(copy.deepcopy(trained[0]), RL(), split, masked=True, lr=0.05, epochs=1,
+                         batch_size=128, seed=3, evaluate_at_end=False,
+                         mask_options={"confidence": 0.6, "certify": 0.5})
+    assert res.steps == len(steps) == math.ceil(1437 / 128)
+    retain_set = set(split.retain_idx.tolist())
+    for s in steps:
+        r, c = s["retain"].tolist(), s["check_retain"].tolist()
+        assert len(c) == len(r) and len(set(c)) == len(c)
+        assert not set(c) & set(r) and set(c) <= retain_set
+    # every step carried a certificate, and the run counts them
+    assert sum(res.certificates.values()) == res.steps
+    assert set(res.certificates) <= {"accepted", "tightened", "emptied", "skipped"}
+    assert res.skipped_steps == res.certificates.get("skipped", 0)
+
+    # The step batches are those of the plain run with the same seed (the check batches come
+    # from a stream of their own), and a second run draws the same check batches.
+    first = [(s["forget"].tolist(), s["retain"].tolist(), s["check_retain"].tolist()) for s in steps]
+    steps.clear()
+    run_unlearning(copy.deepcopy(trained[0]), RL(), split, masked=True, lr=0.05, epochs=1,
+                   batch_size=128, seed=3, evaluate_at_end=False,
+                   mask_options={"confidence": 0.6, "certify": 0.5})
+    assert [(s["forget"].tolist(), s["retain"].tolist(), s["check_retain"].tolist()) for s in steps] == first
+    steps.clear()
+    run_unlearning(copy.deepcopy(trained[0]), RL(), split, masked=False, lr=0.05, epochs=1,
+                   batch_size=128, seed=3, evaluate_at_end=False,
+                   mask_options={"confidence": 0.6, "certify": 0.5})  # ignored: plain
+    assert all(s == {} for s in steps)  # plain: step() without batches
+
+
+def test_uncertified_run_passes_no_check_batch(split, trained, monkeypatch):
+    steps = _record_steps(monkeypatch)
+    res = run_unlearning(copy.deepcopy(trained[0]), FT(), split, masked=True, lr=0.01, epochs=1,
+                         batch_size=256, seed=0, evaluate_at_end=False, mask_options={"confidence": 0.9})
+    assert steps and all(set(s) == {"forget", "retain"} for s in steps)
+    assert res.certificates == {}
+
+
+def test_run_reports_collapse(split, trained):
+    # A model that predicts one class: its retain accuracy is that class's share of the retain
+    # set, within 10 points of the majority rate -> collapsed. lr = 0 keeps it as it is.
+    model = copy.deepcopy(trained[0])
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.arange(10.0) == 5)
+    res = run_unlearning(model, FT(), split, masked=False, lr=0.0, epochs=1, batch_size=512, seed=0)
+    share = 100.0 * float((split.data.train.y[split.retain_idx] == 5).float().mean())
+    assert res.metrics.RA == pytest.approx(share)
+    assert res.collapsed and res.metrics.collapsed and not res.diverged
+    fine = run_unlearning(copy.deepcopy(trained[0]), FT(), split, masked=False, lr=0.0, epochs=1,
+                          batch_size=512, seed=0)
+    assert fine.metrics.RA > 90 and not fine.collapsed

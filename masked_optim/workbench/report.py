@@ -9,9 +9,11 @@ from typing import Any
 __all__ = ["markdown_report", "plot_gap_vs_lr", "plot_trajectories", "write_results"]
 
 
-def _pm(mean: float, std: float, digits: int = 1) -> str:
-    if math.isnan(mean):
+def _pm(mean: float | None, std: float | None, digits: int = 1) -> str:
+    if mean is None or math.isnan(mean):
         return "n/a"
+    if std is None or math.isnan(std):
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -25,20 +27,94 @@ def _reference_row(name: str, recs: list[dict[str, Any]]) -> str:
     return f"| {name} | " + " | ".join(cells) + f" | {_pm(*ms('gap'), digits=2)} |"
 
 
+def _pairs(options: Any) -> list[tuple[str, Any]]:
+    # config["mask_options"]: pairs (a tuple of tuples, or lists of two after JSON), or a mapping
+    return [tuple(p) for p in (options.items() if isinstance(options, dict) else options or ())]
+
+
+def _mask_options_text(options: Any) -> str:
+    pairs = _pairs(options)  # empty = the optimizer's defaults
+    return ", ".join(f"{k}={v!r}" for k, v in pairs) if pairs else "defaults"
+
+
+def _marks(row: dict[str, Any]) -> str:
+    return (" †" if row.get("diverged") else "") + (" ‡" if row.get("collapsed") else "")
+
+
+def _best_cell(entry: dict[str, Any] | None, bold: bool) -> str:
+    if entry is None:
+        return "not run"
+    if entry["lr"] is None:
+        return entry.get("reason", "all diverged or collapsed")
+    text = f"{entry['lr']:g}: {_pm(entry['gap'], entry['gap_std'], 2)}"
+    return f"**{text}**" if bold else text
+
+
+def _best_lr_section(result: dict[str, Any]) -> list[str]:
+    from .study import best_lr_table
+
+    data = result["data"]
+    table = result.get("best_lr")
+    if table is None:  # results written before the table existed
+        table = best_lr_table(result["summary"])
+    lines = [
+        f"## Best learning rate per method: {data['dataset']}, forget `{data['forget']}`",
+        "",
+        "Each method at the learning rate with its lowest mean Avg. Gap to retrain (lower is "
+        "better), over the learning rates at which no seed diverged or collapsed; cells read "
+        "`lr: gap mean ± std`, the better of plain and masked in bold.",
+        "",
+    ]
+    if not table:
+        return lines
+    compared = [r for r in table if r["masked_better"] is not None]
+    if compared:
+        n_better = sum(bool(r["masked_better"]) for r in compared)
+        lines += [f"Masked is better at its best learning rate for {n_better} of {len(compared)} "
+                  "methods.", ""]
+    lines += ["| method | plain | masked |", "|---|---|---|"]
+    for r in table:
+        better = r["masked_better"]
+        plain = _best_cell(r["plain"], better is False)
+        masked = _best_cell(r["masked"], better is True)
+        lines.append(f"| {r['method']} | {plain} | {masked} |")
+    excluded = [f"{r['method']} {mask} at lr {', '.join(f'{lr:g}' for lr in r[mask]['excluded'])}"
+                for r in table for mask in ("plain", "masked")
+                if r[mask] is not None and r[mask]["excluded"]]
+    if excluded:
+        lines += ["", "Left out for a diverged or collapsed seed: " + "; ".join(excluded) + "."]
+    lines.append("")
+    return lines
+
+
 def markdown_report(result: dict[str, Any]) -> str:
-    """The study as Markdown: set-up, reference models, gap table, full table, notes."""
-    cfg, data = result["config"], result["data"]
+    """The study as Markdown: set-up, reference models, each method's best-learning-rate gap
+    (plain versus masked), the gap at every learning rate, the full table and notes."""
+    cfg, data, env = result["config"], result["data"], result["environment"]
     seeds = ", ".join(str(s) for s in cfg["seeds"])
+    opt_name = {"sgd": "ProbablyAlignedSGD", "adam": "ProbablyAlignedAdam"}.get(cfg["optimizer"],
+                                                                              cfg["optimizer"])
+    base = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam"}.get(cfg["optimizer"], "torch.optim")
+    cpu = env.get("cpu") or "an unrecorded CPU"
+    device = "" if env.get("device", "cpu") == "cpu" else f", device {env['device']}"
+    majority = data.get("retain_majority_rate")
+    collapse_rule = (f"retain accuracy ≤ {majority:.1f} % (the majority-class share of the retain "
+                     f"set) + 10 points" if majority is not None else
+                     "retain accuracy within 10 points of the majority-class share of the retain set")
     lines = [
         f"# Unlearning study: {data['dataset']}, forget `{data['forget']}`",
         "",
         f"Model `{cfg['model']}`; {data['n_retain']} retain, {data['n_forget']} forget, "
         f"{data['n_test']} test samples. Optimizer {cfg['optimizer'].upper()} (momentum "
-        f"{cfg['momentum']:g}, weight decay {cfg['weight_decay']:g}); *masked* = probably-aligned "
-        f"at confidence {cfg['confidence']:g}, *plain* = the same optimizer with "
-        f"`confidence=None`. Seeds {seeds}; mean ± std over seeds. "
-        f"Wall time {result['wall_time_s']:.0f} s ({result['environment']['device']}, "
-        f"{result['environment']['torch_threads']} threads).",
+        f"{cfg['momentum']:g}, weight decay {cfg['weight_decay']:g}); *masked* = "
+        f"{opt_name}({_mask_options_text(cfg.get('mask_options'))}), *plain* = the same optimizer "
+        f"with `confidence=None, forget_confidence=None, retain_confidence=None` ({base}). "
+        f"Seeds {seeds}; mean ± std over seeds. Wall time {result['wall_time_s']:.0f} s, "
+        f"measured on {cpu}, torch {env['torch']}, {env['torch_threads']} threads{device}."
+        + (" Whole-update test (`certify`): each masked step is checked on an independent retain "
+           "batch of the step's size, disjoint from the step's retain batch."
+           if any(k == "certify" and v is not None for k, v in _pairs(cfg.get("mask_options")))
+           else ""),
         "",
         "## Reference models",
         "",
@@ -47,15 +123,20 @@ def markdown_report(result: dict[str, Any]) -> str:
         _reference_row("Original", result["reference"]["original"]),
         _reference_row("Retrain", result["reference"]["retrain"]),
         "",
-        "## Avg. Gap to retrain (lower is better)",
+        *_best_lr_section(result),
+        "## Avg. Gap to retrain at every learning rate (lower is better)",
         "",
     ]
     comparison = result["comparison"]
     if comparison:
-        n_better = sum(r["masked_better"] for r in comparison)
+        clean = [c for c in comparison if c.get("clean", True)]
+        n_better = sum(c["masked_better"] for c in clean)
+        left = len(comparison) - len(clean)
         lines += [
-            f"Masked has the smaller mean gap in {n_better} of {len(comparison)} "
-            f"(method, learning rate) cells.",
+            f"Masked has the smaller mean gap in {n_better} of {len(clean)} (method, learning "
+            f"rate) cells where no seed diverged or collapsed"
+            + (f" ({left} {'cell' if left == 1 else 'cells'} with such a seed not counted)."
+               if left else "."),
             "",
             "| method | lr | plain | masked |",
             "|---|---|---|---|",
@@ -65,8 +146,8 @@ def markdown_report(result: dict[str, Any]) -> str:
             p, m = by_key[(c["method"], "plain", c["lr"])], by_key[(c["method"], "masked", c["lr"])]
             cells = []
             for row, better in ((p, not c["masked_better"]), (m, c["masked_better"])):
-                text = _pm(row["gap"], row["gap_std"], 2) + (" †" if row["diverged"] else "")
-                cells.append(f"**{text}**" if better else text)
+                text = _pm(row["gap"], row["gap_std"], 2)
+                cells.append((f"**{text}**" if better and c.get("clean", True) else text) + _marks(row))
             lines.append(f"| {c['method']} | {c['lr']:g} | {cells[0]} | {cells[1]} |")
         lines.append("")
     lines += [
@@ -77,7 +158,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     ]
     for r in result["summary"]:
         cells = [_pm(r[k], r[k + "_std"]) for k in ("FA", "UA", "RA", "TA", "MIA")]
-        gap = _pm(r["gap"], r["gap_std"], 2) + (" †" if r["diverged"] else "")
+        gap = _pm(r["gap"], r["gap_std"], 2) + _marks(r)
         lines.append(f"| {r['method']} | {r['mask']} | {r['lr']:g} | " + " | ".join(cells)
                      + f" | {gap} | {r['kept_fraction']:.4f} | {r['runtime_s']:.2f} |")
     lines += [
@@ -90,7 +171,9 @@ def markdown_report(result: dict[str, Any]) -> str:
         "kept: mean fraction of coordinates the mask kept per step (1 for plain). "
         "runtime: unlearning only, without evaluation. † = at least one seed diverged "
         "(non-finite weights or outputs; a non-finite output counts as a wrong prediction with true-label "
-        "confidence 0).",
+        f"confidence 0). ‡ = at least one seed collapsed ({collapse_rule}): the model predicts "
+        "near chance, its MIA lands near 0 or 100 and its gap can look deceptively good. "
+        "A cell marked † or ‡ is never a method's best learning rate.",
     ]
     if data["forget"].startswith("class"):
         lines += ["", "Class-wise forgetting: the forgotten classes are removed from the test set "

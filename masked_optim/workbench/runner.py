@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -16,7 +18,8 @@ from .data import UnlearningSplit
 from .methods import Phase, UnlearningMethod
 from .metrics import Metrics, accuracy, evaluate
 
-__all__ = ["BatchStream", "RunResult", "make_optimizer", "phase_batch_sizes", "run_unlearning"]
+__all__ = ["MASK_OPTIONS", "PLAIN_OPTIONS", "BatchStream", "RunResult", "check_batch_indices",
+           "make_optimizer", "phase_batch_sizes", "run_unlearning"]
 
 #: Retain samples used for the per-step retain accuracy of the trace (the final RA uses all).
 TRACE_RETAIN_SAMPLES = 2000
@@ -64,22 +67,63 @@ def phase_batch_sizes(phase: Phase, batch_size: int, n_forget: int,
     raise ValueError(f"phase.over must be 'forget', 'retain' or 'all', not {phase.over!r}")
 
 
-def make_optimizer(model: nn.Module, kind: str = "sgd", *, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 5e-4, confidence: float | None = 0.95,
-                   **kwargs: Any) -> torch.optim.Optimizer:
-    """A probably-aligned optimizer over the trainable parameters of ``model``.
+#: Keywords of the optimizers' mask (per group) and whole-update test (optimizer level) that
+#: ``mask_options`` carries; :func:`make_optimizer` also accepts them as plain keywords.
+MASK_OPTIONS = ("confidence", "forget_confidence", "retain_confidence", "quantile", "soft", "rescale",
+                "rescale_scope", "max_scale", "certify", "certify_policy", "certify_tries")
 
-    ``confidence=None`` gives the plain base optimizer (SGD or Adam, same trajectory as
-    torch.optim). Extra keyword arguments go to the optimizer.
+#: What makes a probably-aligned optimizer plain (no test on either side: exactly torch.optim).
+PLAIN_OPTIONS: dict[str, Any] = {"confidence": None, "forget_confidence": None, "retain_confidence": None}
+
+
+def make_optimizer(model: nn.Module, kind: str = "sgd", *, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 5e-4, masked: bool = True,
+                   mask_options: Mapping[str, Any] | None = None,
+                   **kwargs: Any) -> torch.optim.Optimizer:
+    """A probably-aligned optimizer (``kind`` ``"sgd"`` or ``"adam"``) over the trainable
+    parameters of ``model``.
+
+    ``masked=True`` passes exactly the given ``mask_options`` (e.g. ``{"confidence": 0.9,
+    "rescale": None}``); every option not given takes the optimizer's own default, so this
+    function never fixes a mask default. ``masked=False`` passes ``confidence``,
+    ``forget_confidence`` and ``retain_confidence`` as ``None``: no test on either side, i.e. the
+    trajectory of torch.optim.SGD / Adam whatever the defaults are; it takes no mask options.
+
+    Mask keywords given directly (``confidence=0.95``, as in earlier versions) join
+    ``mask_options``; other keyword arguments (``engine``, ``chunk_size``, ...) go to the
+    optimizer as they are.
     """
+    options = dict(mask_options or {})
+    for key in [k for k in kwargs if k in MASK_OPTIONS]:
+        if key in options:
+            raise ValueError(f"{key!r} given both as a keyword and in mask_options")
+        options[key] = kwargs.pop(key)
+    if not masked:
+        if options:
+            raise ValueError(f"a plain optimizer takes no mask options, got {sorted(options)}")
+        options = dict(PLAIN_OPTIONS)
     params = [p for p in model.parameters() if p.requires_grad]
     if kind == "sgd":
         return ProbablyAlignedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                  model=model, confidence=confidence, **kwargs)
+                                  model=model, **options, **kwargs)
     if kind == "adam":
         return ProbablyAlignedAdam(params, lr=lr, weight_decay=weight_decay, model=model,
-                                   confidence=confidence, **kwargs)
+                                   **options, **kwargs)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', not {kind!r}")
+
+
+def check_batch_indices(pool: Tensor, exclude: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` indices drawn without replacement from ``pool`` minus ``exclude`` (all of them if
+    fewer remain): the independent batch of the whole-update test, disjoint from the batch the
+    mask was chosen on."""
+    rest = pool[~torch.isin(pool, exclude)]
+    return rest[torch.randperm(len(rest), generator=generator)[:n]]
+
+
+def _check_generator(seed: int) -> torch.Generator:
+    # A second stream for the check batches, derived from the run's seed alone, so that the step
+    # batches of a certified run are the same as those of the plain run with the same seed.
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
 
 
 @dataclass
@@ -89,7 +133,10 @@ class RunResult:
     ``runtime_s`` covers set-up and steps, not the evaluations of the trace. ``kept_fraction`` is
     the mean over steps of the optimizer's kept fraction (1.0 for a plain run). ``trace`` holds
     ``{"step", "FA", "RA"}`` every ``track_every`` steps (and at step 0); ``kept`` one value per
-    step.
+    step. ``diverged``: non-finite weights or outputs; ``collapsed``: the final retain accuracy is
+    near chance (:attr:`Metrics.collapsed`; ``False`` without final metrics). ``certificates``
+    counts the steps per whole-update test outcome (``"accepted"``, ``"tightened"``,
+    ``"emptied"``, ``"skipped"``); empty when no step was certified.
     """
 
     metrics: Metrics | None
@@ -100,21 +147,33 @@ class RunResult:
     trace: list[dict[str, float]] = field(default_factory=list)
     kept: list[float] = field(default_factory=list)
     diverged: bool = False
+    collapsed: bool = False
+    certificates: dict[str, int] = field(default_factory=dict)
 
 
 def run_unlearning(model: nn.Module, method: UnlearningMethod, split: UnlearningSplit, *,
                    masked: bool = True, lr: float | None = None, epochs: int | None = None,
                    batch_size: int | None = None, optimizer: str = "sgd", momentum: float = 0.9,
-                   weight_decay: float = 5e-4, confidence: float = 0.95, seed: int = 0,
+                   weight_decay: float = 5e-4, mask_options: Mapping[str, Any] | None = None,
+                   seed: int = 0,
                    track_every: int = 0, trace_points: int = 0, evaluate_at_end: bool = True,
                    progress: bool = False, desc: str | None = None,
                    optimizer_kwargs: dict[str, Any] | None = None) -> RunResult:
     """Unlearn ``split.forget_idx`` from ``model`` (in place) with ``method``.
 
-    ``masked=True`` uses the probably-aligned optimizer at ``confidence`` and passes every step's
-    forget batch (true labels) and retain batch to ``step()``; ``masked=False`` uses the same
-    optimizer with ``confidence=None``, i.e. plain SGD/Adam. Both draw the same batches for a
-    given ``seed``. ``lr``, ``epochs`` and ``batch_size`` default to the method's recipe.
+    ``masked=True`` uses the probably-aligned optimizer with ``mask_options`` (see
+    :func:`make_optimizer`; options not given take the optimizer's defaults) and passes every
+    step's forget batch (true labels) and retain batch to ``step()``; ``masked=False`` uses the
+    same optimizer with no test on either side, i.e. plain SGD/Adam, and ignores
+    ``mask_options``. Both draw the same batches for a given ``seed``. ``lr``, ``epochs`` and
+    ``batch_size`` default to the method's recipe. ``optimizer_kwargs`` go to the optimizer too
+    (non-mask keywords such as ``engine``).
+
+    When ``mask_options`` sets ``certify``, each masked step also gets ``check_retain=``: as many
+    retain samples as the step's retain batch (fewer only if the retain set has no more), drawn
+    without replacement from the retain samples *outside* that batch, from a generator derived
+    from ``seed`` alone (:func:`check_batch_indices`) — an independent batch for the whole-update
+    test, and the same step batches as the plain run.
 
     Forget and retain accuracy are recorded every ``track_every`` steps, or at about
     ``trace_points`` evenly spaced steps; both 0 records nothing.
@@ -150,8 +209,12 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
     start = time.perf_counter()
     untimed = 0.0
     method.setup(model, (images.batch(c, device) for c in split.forget_idx.split(batch_size)), seed)
+    options = dict(mask_options or {}) if masked else None
+    certify = masked and options is not None and options.get("certify") is not None
+    check_gen = _check_generator(seed) if certify else None
     opt = make_optimizer(model, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         confidence=confidence if masked else None, **(optimizer_kwargs or {}))
+                         masked=masked, mask_options=options, **(optimizer_kwargs or {}))
+    certificates: dict[str, int] = {}
     was_training = model.training
     model.train()
     bar = tqdm(total=total, desc=desc or method.name, disable=not progress, leave=False, unit="step")
@@ -159,13 +222,23 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
     for phase, nf, nr, steps in plan:
         for _ in range(steps):
             forget = images.batch(forget_stream.take(nf), device)
-            retain = images.batch(retain_stream.take(nr), device)
+            retain_idx = retain_stream.take(nr)
+            retain = images.batch(retain_idx, device)
+            check = None
+            if check_gen is not None:
+                check_idx = check_batch_indices(split.retain_idx, retain_idx, len(retain_idx), check_gen)
+                if len(check_idx) < 2:
+                    raise ValueError("certify needs at least 2 retain samples outside each step's "
+                                     "retain batch for the independent check batch")
+                check = images.batch(check_idx, device)
             opt.zero_grad(set_to_none=True)
             loss = method.loss(model, forget=forget, retain=retain, phase=phase.kind,
                                progress=step / total)
             loss.backward()
             method.before_step(model)
-            if masked:
+            if check is not None:
+                opt.step(forget=forget, retain=retain, check_retain=check)
+            elif masked:
                 opt.step(forget=forget, retain=retain)
             else:
                 opt.step()
@@ -175,6 +248,9 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
                 raise RuntimeError("the masked optimizer reported no diagnostics after a step")
             kept.append(1.0 if diag is None else float(diag.kept_fraction))
             skipped += int(bool(diag is not None and diag.skipped))
+            cert = getattr(diag, "certificate", None)
+            if cert is not None:
+                certificates[cert.action] = certificates.get(cert.action, 0) + 1
             step += 1
             bar.update()
             if track_every and (step % track_every == 0 or step == total):
@@ -189,4 +265,5 @@ def run_unlearning(model: nn.Module, method: UnlearningMethod, split: Unlearning
         bool(torch.isfinite(p).all()) for p in model.parameters())
     return RunResult(metrics=metrics, runtime_s=runtime, steps=step,
                      kept_fraction=sum(kept) / len(kept) if kept else 1.0,
-                     skipped_steps=skipped, trace=trace, kept=kept, diverged=diverged)
+                     skipped_steps=skipped, trace=trace, kept=kept, diverged=diverged,
+                     collapsed=metrics is not None and metrics.collapsed, certificates=certificates)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -16,12 +17,13 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .data import load_dataset, make_split
 from .methods import get_method
-from .metrics import GAP_METRICS, avg_gap, evaluate
+from .metrics import GAP_METRICS, avg_gap, evaluate, majority_rate
 from .models import default_arch
-from .runner import run_unlearning
+from .runner import make_optimizer, run_unlearning
 from .training import ModelCache, default_train_config, reference_model
 
-__all__ = ["DEFAULT_METHODS", "StudyConfig", "run_study", "summarise"]
+__all__ = ["DEFAULT_METHODS", "StudyConfig", "best_lr_table", "compare_masks", "cpu_model", "run_study",
+           "summarise"]
 
 DEFAULT_METHODS = ("RL", "NegGrad+", "GA", "FT", "SalUn", "l1-sparse", "SCRUB")
 MASKS = ("plain", "masked")
@@ -36,6 +38,10 @@ class StudyConfig:
     whole training set is only 1437 images. ``epochs=None`` keeps each method's recipe.
     The first ``trace_seeds`` seeds record forget/retain accuracy at about ``trace_points``
     evenly spaced steps of each run, for the plots.
+
+    ``mask_options`` are the keyword arguments of the masked runs' optimizer as ``(name, value)``
+    pairs, e.g. ``(("confidence", 0.9), ("rescale", None))`` (a mapping is accepted and turned
+    into pairs); empty means the optimizer's own defaults. The plain runs take none.
     """
 
     dataset: str = "digits"
@@ -52,7 +58,7 @@ class StudyConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    confidence: float = 0.95
+    mask_options: tuple[tuple[str, Any], ...] = ()
     split_seed: int = 0
     test_fraction: float = 0.2
     train_epochs: int | None = None
@@ -61,6 +67,14 @@ class StudyConfig:
     trace_points: int = 50
     trace_seeds: int = 1
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        items = self.mask_options.items() if isinstance(self.mask_options, Mapping) else self.mask_options
+        pairs = tuple((str(k), v) for k, v in items)
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"mask option given twice: {names}")
+        object.__setattr__(self, "mask_options", pairs)
 
     def resolved(self) -> StudyConfig:
         """Fill the data-dependent defaults (model, batch size) and validate the choices."""
@@ -71,10 +85,20 @@ class StudyConfig:
             get_method(name)
         if not self.seeds:
             raise ValueError("at least one seed is needed")
+        _check_mask_options(self.optimizer, self.mask_options)
         model = self.model or default_arch(self.dataset)
         batch = self.batch_size if self.batch_size is not None else (64 if self.dataset == "digits"
                                                                      else None)
         return replace(self, model=model, batch_size=batch)
+
+
+def _check_mask_options(optimizer: str, options: tuple[tuple[str, Any], ...]) -> None:
+    # Build the masked optimizer once on a one-weight model, so that a misspelt or invalid option
+    # fails here and not after the reference models have been trained.
+    try:
+        make_optimizer(torch.nn.Linear(1, 1), optimizer, lr=0.1, masked=True, mask_options=dict(options))
+    except TypeError as err:
+        raise ValueError(f"invalid mask option for the {optimizer} optimizer: {err}") from err
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -83,7 +107,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds per (method, mask, lr)."""
+    """Mean and standard deviation over seeds per (method, mask, lr); ``diverged`` and
+    ``collapsed`` count the seeds with that flag (a run without ``collapsed`` counts as not)."""
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["method"], r["mask"], r["lr"]), []).append(r)
@@ -96,12 +121,19 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["runtime_s"], _ = _mean_std([r["runtime_s"] for r in rs])
         row["kept_fraction"], _ = _mean_std([r["kept_fraction"] for r in rs])
         row["diverged"] = sum(bool(r["diverged"]) for r in rs)
+        row["collapsed"] = sum(bool(r.get("collapsed", False)) for r in rs)
         out.append(row)
     return out
 
 
+def _clean(row: Mapping[str, Any]) -> bool:
+    # no seed of the cell diverged or collapsed
+    return not row.get("diverged", 0) and not row.get("collapsed", 0)
+
+
 def compare_masks(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, lr), the mean gap to retrain of the plain and the masked runs."""
+    """Per (method, lr), the mean gap to retrain of the plain and the masked runs. ``clean``: no
+    seed of either cell diverged or collapsed (otherwise ``masked_better`` may mislead)."""
     by_key = {(r["method"], r["lr"], r["mask"]): r for r in summary}
     rows = []
     for (method, lr, mask), r in by_key.items():
@@ -109,8 +141,66 @@ def compare_masks(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         m = by_key[(method, lr, "masked")]
         rows.append({"method": method, "lr": lr, "gap_plain": r["gap"], "gap_masked": m["gap"],
-                     "masked_better": m["gap"] < r["gap"]})
+                     "masked_better": m["gap"] < r["gap"], "clean": _clean(r) and _clean(m)})
     return rows
+
+
+def best_lr_table(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each method's best learning rate, plain and masked (DESIGN §6: compare at each method's
+    best learning rate).
+
+    One row per method (in the order of ``summary``): ``{"method", "plain", "masked",
+    "masked_better"}``. ``row[mask]`` is ``None`` when the study did not run that mask, else
+    ``{"lr", "gap", "gap_std", "n", "excluded"}``: the learning rate with the lowest mean gap
+    over seeds among the cells where no seed diverged or collapsed (ties: the smaller lr), and
+    the learning rates left out for a bad seed. When every learning rate has one, ``lr``,
+    ``gap`` and ``gap_std`` are ``None`` and ``reason`` says ``"all collapsed"``, ``"all
+    diverged"`` or ``"all diverged or collapsed"``. ``masked_better``: the masked best gap is
+    smaller than the plain one; ``None`` unless both exist.
+    """
+    cells: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in summary:
+        cells.setdefault(r["method"], {}).setdefault(r["mask"], []).append(r)
+    table = []
+    for method, by_mask in cells.items():
+        row: dict[str, Any] = {"method": method}
+        for mask in MASKS:
+            rows = by_mask.get(mask)
+            if not rows:
+                row[mask] = None
+                continue
+            good = [r for r in rows if _clean(r)]
+            excluded = sorted(r["lr"] for r in rows if not _clean(r))
+            if good:
+                best = min(good, key=lambda r: (math.isnan(r["gap"]), r["gap"], r["lr"]))
+                row[mask] = {"lr": best["lr"], "gap": best["gap"], "gap_std": best["gap_std"],
+                             "n": best["n"], "excluded": excluded}
+            else:
+                div = any(r.get("diverged", 0) for r in rows)
+                col = any(r.get("collapsed", 0) for r in rows)
+                reason = ("all diverged or collapsed" if div and col
+                          else "all diverged" if div else "all collapsed")
+                row[mask] = {"lr": None, "gap": None, "gap_std": None, "n": 0,
+                             "excluded": excluded, "reason": reason}
+        p, m = row["plain"], row["masked"]
+        row["masked_better"] = (m["gap"] < p["gap"] if p is not None and m is not None
+                                and p["gap"] is not None and m["gap"] is not None else None)
+        table.append(row)
+    return table
+
+
+def cpu_model() -> str:
+    """The CPU's model name: the "model name" line of /proc/cpuinfo on Linux, else
+    :func:`platform.processor`, else ``"unknown CPU"``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def run_study(config: StudyConfig, *, progress: bool = True,
@@ -165,8 +255,9 @@ def run_study(config: StudyConfig, *, progress: bool = True,
         traced = seed in cfg.seeds[:cfg.trace_seeds]
         res = run_unlearning(
             model, method, split, masked=mask == "masked", lr=lr_used, optimizer=cfg.optimizer,
-            momentum=cfg.momentum, weight_decay=cfg.weight_decay, confidence=cfg.confidence,
-            seed=seed, trace_points=cfg.trace_points if traced else 0)
+            momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            mask_options=dict(cfg.mask_options), seed=seed,
+            trace_points=cfg.trace_points if traced else 0)
         assert res.metrics is not None
         runs.append({
             "method": method.name, "mask": mask, "lr": lr_used, "seed": seed,
@@ -174,6 +265,7 @@ def run_study(config: StudyConfig, *, progress: bool = True,
             "metrics": res.metrics.as_dict(), "gap": avg_gap(res.metrics, retrain_metrics[seed]),
             "runtime_s": res.runtime_s, "kept_fraction": res.kept_fraction,
             "skipped_steps": res.skipped_steps, "diverged": res.diverged,
+            "collapsed": res.collapsed, "certificates": res.certificates,
             "trace": res.trace if traced else None, "kept": res.kept if traced else None,
         })
     bar.close()
@@ -184,14 +276,16 @@ def run_study(config: StudyConfig, *, progress: bool = True,
         "environment": {
             "masked_optim": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
+            "cpu_count": os.cpu_count(), "cpu": cpu_model(),
         },
         "data": {"dataset": data.name, "forget": str(split.spec), "n_train": len(data.train),
                  "n_forget": len(split.forget_idx), "n_retain": len(split.retain_idx),
-                 "n_test": len(split.test_idx), "n_classes": data.num_classes},
+                 "n_test": len(split.test_idx), "n_classes": data.num_classes,
+                 "retain_majority_rate": majority_rate(data.train.y[split.retain_idx])},
         "reference": reference,
         "runs": runs,
         "summary": summary,
+        "best_lr": best_lr_table(summary),
         "comparison": compare_masks(summary),
         "wall_time_s": time.perf_counter() - wall,
     }

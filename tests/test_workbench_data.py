@@ -239,3 +239,113 @@ def test_imagefolder_rejects_unknown_test_class_and_missing_tree(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("svhn", ".")
+
+
+# --------------------------------------------------------------------------- MNIST-1D
+
+@pytest.fixture(scope="module")
+def mnist1d_cache(tmp_path_factory):
+    """A cache folder of this module's own (``$MASKED_OPTIM_CACHE``, which load_dataset reads)."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MASKED_OPTIM_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def mnist1d(mnist1d_cache):
+    return load_dataset("mnist1d")  # generated once (about a second), then cached
+
+
+@pytest.fixture(scope="module")
+def mnist1d_reference():
+    """Independent reference: the package's own generator, called directly with its defaults."""
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    state, py_state = np.random.get_state(), random.getstate()
+    try:
+        return make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(state)
+        random.setstate(py_state)
+
+
+def test_mnist1d_shapes_and_classes(mnist1d):
+    assert mnist1d.name == "mnist1d" and mnist1d.num_classes == 10
+    assert (len(mnist1d.train), len(mnist1d.test)) == (4000, 1000)
+    assert mnist1d.input_shape == (1, 1, 40)
+    assert mnist1d.train.x.dtype == torch.float32 and mnist1d.train.scale == 1.0
+    assert set(mnist1d.train.y.tolist()) == set(range(10)) == set(mnist1d.test.y.tolist())
+    x, y = mnist1d.train.batch()
+    assert x.shape == (4000, 1, 1, 40) and y.dtype == torch.int64
+    # Normalised with the training part's statistics (one channel).
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+    xt, _ = mnist1d.test.batch()
+    torch.testing.assert_close(xt, (mnist1d.test.x - mnist1d.train.mean[0]) / mnist1d.train.std[0])
+
+
+def test_mnist1d_equals_the_package_generator_and_is_deterministic(mnist1d, mnist1d_reference):
+    ref = mnist1d_reference
+    assert np.array_equal(mnist1d.train.x.reshape(4000, 40).numpy(), ref["x"].astype(np.float32))
+    assert np.array_equal(mnist1d.test.x.reshape(1000, 40).numpy(), ref["x_test"].astype(np.float32))
+    assert np.array_equal(mnist1d.train.y.numpy(), ref["y"])
+    assert np.array_equal(mnist1d.test.y.numpy(), ref["y_test"])
+    again = load_dataset("MNIST-1D")
+    assert torch.equal(again.train.x, mnist1d.train.x) and torch.equal(again.test.y, mnist1d.test.y)
+    assert again.fingerprint() == mnist1d.fingerprint() != load_dataset("digits").fingerprint()
+
+
+def test_mnist1d_cache_round_trip(mnist1d, mnist1d_cache, monkeypatch, tmp_path):
+    from masked_optim.workbench import data as data_mod
+
+    files = list(mnist1d_cache.glob("mnist1d-*.npz"))
+    assert len(files) == 1 and not list(mnist1d_cache.glob("*.tmp*"))
+    generate = data_mod._generate_mnist1d
+
+    def refuse():
+        raise AssertionError("generated although the cache holds the arrays")
+
+    monkeypatch.setattr(data_mod, "_generate_mnist1d", refuse)
+    cached = load_dataset("mnist1d")
+    assert torch.equal(cached.train.x, mnist1d.train.x) and torch.equal(cached.test.x, mnist1d.test.x)
+    assert cached.train.mean == mnist1d.train.mean and cached.train.std == mnist1d.train.std
+
+    # Arrays of the wrong kind are not accepted from the cache.
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((3, 40)), y=np.zeros(3), x_test=np.zeros((1, 40)), y_test=np.zeros(1))
+    assert data_mod._read_mnist1d_cache(wrong) is None
+    np.savez(wrong, x=np.zeros((3, 40), np.float32), y=np.zeros(2, np.int64),
+             x_test=np.zeros((1, 40), np.float32), y_test=np.zeros(1, np.int64))
+    assert data_mod._read_mnist1d_cache(wrong) is None
+
+    # A corrupt file is regenerated and rewritten.
+    calls = []
+    monkeypatch.setattr(data_mod, "_generate_mnist1d", lambda: calls.append(1) or generate())
+    files[0].write_bytes(b"not a zip file")
+    np.random.seed(123)
+    before = np.random.rand()
+    np.random.seed(123)
+    fresh = load_dataset("mnist1d")
+    assert np.random.rand() == before  # the generator's global seeding does not leak
+    assert torch.equal(fresh.train.x, mnist1d.train.x) and torch.equal(fresh.test.y, mnist1d.test.y)
+    assert len(calls) == 1 and data_mod._read_mnist1d_cache(files[0]) is not None
+
+    # An explicit cache folder, created on demand.
+    load_dataset("mnist1d", cache_dir=tmp_path / "sub")
+    assert len(calls) == 2 and len(list((tmp_path / "sub").glob("mnist1d-*.npz"))) == 1
+
+
+def test_mnist1d_splits(mnist1d):
+    split = make_split(mnist1d, "random:0.1", seed=0)
+    assert (len(split.forget_idx), len(split.retain_idx), len(split.test_idx)) == (400, 3600, 1000)
+    both = torch.cat([split.forget_idx, split.retain_idx]).sort().values
+    assert torch.equal(both, torch.arange(4000))
+    x, y = split.forget()
+    assert x.shape == (400, 1, 1, 40) and len(y) == 400
+    cls = make_split(mnist1d, "class:3")
+    assert torch.all(mnist1d.train.y[cls.forget_idx] == 3)
+    assert len(cls.forget_idx) == int((mnist1d.train.y == 3).sum()) > 0
+    assert not torch.any(mnist1d.test.y[cls.test_idx] == 3)
+    assert len(cls.test_idx) == int((mnist1d.test.y != 3).sum()) < 1000

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import ImageSet, UnlearningSplit
-from .models import build_model
+from .models import build_model, default_hidden
 
 __all__ = [
     "ModelCache",
@@ -49,6 +49,9 @@ def default_train_config(dataset: str) -> TrainConfig:
     studied in) at a cost that suits the data size."""
     if dataset == "digits":
         return TrainConfig(epochs=40, lr=0.05, batch_size=64)
+    if dataset == "mnist1d":
+        # The 40-512-512-10 MLP: 100 % train, ~71 % test accuracy in ~2 s on one CPU thread.
+        return TrainConfig(epochs=20, lr=0.2, batch_size=128)
     if dataset in ("mnist", "fashionmnist"):
         return TrainConfig(epochs=15, lr=0.05, batch_size=128)
     # 32x32 colour images with ResNet-18: the usual crop+flip augmentation.
@@ -176,7 +179,10 @@ def reference_model(kind: str, split: UnlearningSplit, arch: str, *, norm: str =
         "seed": seed,
     }
     torch.manual_seed(seed)
-    model = build_model(arch, data.input_shape, data.num_classes, norm)
+    # The MLP's widths follow the dataset (in the key through "dataset"); a cached file of other
+    # widths fails load_state_dict and is retrained.
+    hidden = default_hidden(data.name) if arch == "mlp" else None
+    model = build_model(arch, data.input_shape, data.num_classes, norm, hidden=hidden)
     start = time.perf_counter()
     cached = cache.load_into(model, cfg)
     if not cached:

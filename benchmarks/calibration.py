@@ -3,7 +3,7 @@
 
 Measures, against the nominal levels, on problems where the truth is known exactly:
 
-(a) per-coordinate test (DESIGN §3): how often a coordinate that is truly *misaligned*
+(a) per-coordinate test (docs/design.md §3): how often a coordinate that is truly *misaligned*
     (``sign(u_i)·G_i ≤ 0`` for the retain constraint, ``−sign(u_i)·G_i ≤ 0`` for the forget one, with
     ``G`` the true full-data mean gradient: the null hypothesis of the one-sided test) is kept by the
     mask, for c in {0.5, 0.8, 0.9, 0.95, 0.99}, with the normal and the Student-t quantile:

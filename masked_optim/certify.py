@@ -1,4 +1,4 @@
-"""Whole-update test (DESIGN §3): is the masked step, as a whole, aligned with the batch gradient?
+"""Whole-update test (docs/design.md §3): is the masked step, as a whole, aligned with the batch gradient?
 
 The per-coordinate test bounds the error of each kept coordinate, not of the step.  For the step
 ``θ ← θ − lr·m⊙u`` the question is the sign of ``⟨m⊙u, ∇L⟩``.  One forward-mode pass

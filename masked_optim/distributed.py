@@ -1,4 +1,4 @@
-"""Data-parallel statistics under ``torch.distributed`` (DESIGN §4: "the same merge combines results
+"""Data-parallel statistics under ``torch.distributed`` (docs/design.md §4: "the same merge combines results
 across processes").
 
 Each rank computes ``(n, mean, M2)`` of the per-sample gradients on *its shard* of a forget or retain
@@ -270,7 +270,7 @@ class DistributedEngine:
         self, base: nn.Module, params: list[Tensor], batch: Batch, loss_fn: LossFn | None, n: int
     ) -> GradStats:
         dev_type = params[0].device.type if params else "cpu"
-        # statistics stay in float32 even inside the caller's autocast region (DESIGN §4)
+        # statistics stay in float32 even inside the caller's autocast region (docs/design.md §4)
         with torch.autocast(dev_type, enabled=False):
             stats = self.inner(base, params, batch, loss_fn)
         if not isinstance(stats, GradStats):

@@ -1,4 +1,4 @@
-"""A statistics engine that never materialises per-sample gradients of the whole model (DESIGN §4).
+"""A statistics engine that never materialises per-sample gradients of the whole model (docs/design.md §4).
 
 One forward and one backward of the *summed* per-sample loss carry the output gradients ``δ`` of
 every layer; module hooks turn each supported layer's input ``a`` and ``δ`` into ``Σ_k g_k`` and

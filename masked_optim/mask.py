@@ -1,4 +1,4 @@
-"""The feasibility mask (DESIGN §3) as pure tensor functions.
+"""The feasibility mask (docs/design.md §3) as pure tensor functions.
 
 A step ``θ ← θ − η·u`` keeps coordinate ``i`` iff ``u_i ≠ 0`` and both one-sided tests pass::
 
@@ -183,7 +183,7 @@ def _coeff(q: float, n: int) -> float:
 
 
 def z_scores(u: Tensor, mean: Tensor, m2: Tensor, n: int, sign: int = 1) -> Tensor:
-    """``sign · sign(u) · μ / se`` with the degenerate cases of DESIGN §3 (never NaN)."""
+    """``sign · sign(u) · μ / se`` with the degenerate cases of docs/design.md §3 (never NaN)."""
     s_mu = torch.sign(u) * mean * sign
     if n < 2:
         se = torch.zeros_like(m2)

@@ -1,4 +1,4 @@
-"""Per-sample gradient statistics (DESIGN §4).
+"""Per-sample gradient statistics (docs/design.md §4).
 
 The engine returns, for every parameter, the count ``n``, the mean ``μ`` and the sum of squared
 deviations ``M2`` of the per-sample gradients ``g_k = ∇θ ℓ(f_θ(x_k), y_k)`` of a batch.  The reference

@@ -36,7 +36,7 @@ def loop_moments(model, params, inputs, targets, loss_fn=None):
 
 
 def reference_z(u_sign: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, n: int) -> torch.Tensor:
-    """DESIGN §3 z-score, written directly from the definition with explicit degenerate cases."""
+    """docs/design.md §3 z-score, written directly from the definition with explicit degenerate cases."""
     s_mu = u_sign.double() * mean.double()
     se = (m2.double() / (n - 1)).sqrt() / n**0.5 if n > 1 else torch.zeros_like(s_mu)
     z = torch.empty_like(s_mu)

@@ -1,4 +1,4 @@
-"""The feasibility mask against references written from the definition (DESIGN §3)."""
+"""The feasibility mask against references written from the definition (docs/design.md §3)."""
 
 import math
 

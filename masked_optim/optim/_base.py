@@ -647,7 +647,7 @@ class ProbablyAlignedOptimizer(Optimizer):
     def _engine_context(self, params: list[Tensor]) -> contextlib.AbstractContextManager:
         # the engines need the bare module (unwrap_model): DDP's forward syncs buffers, hooks on an
         # already compiled module see nothing, and torch.func through it disables dynamo; the caller's
-        # autocast would lower the statistics' precision (DESIGN §4: float32 at least)
+        # autocast would lower the statistics' precision (docs/design.md §4: float32 at least)
         dev = params[0].device.type if params else "cpu"
         stack = contextlib.ExitStack()
         stack.enter_context(torch.enable_grad())

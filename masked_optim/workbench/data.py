@@ -399,7 +399,7 @@ class UnlearningSplit:
     """A dataset cut into forget, retain and test index sets.
 
     Retain indices keep the training-set order, so "the first N retain samples" (the members of
-    the MIA attacker, DESIGN §6) is well defined. For class-wise forgetting the forgotten classes
+    the MIA attacker, docs/design.md §6) is well defined. For class-wise forgetting the forgotten classes
     are removed from the test set, as SalUn does, so TA measures the remaining classes.
     """
 

@@ -1,4 +1,4 @@
-"""The numbers unlearning papers compare (DESIGN §6): FA/RA/TA, UA, MIA-efficacy, gap to retrain."""
+"""The numbers unlearning papers compare (docs/design.md §6): FA/RA/TA, UA, MIA-efficacy, gap to retrain."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -27,7 +27,7 @@ __all__ = [
 GAP_METRICS = ("FA", "RA", "TA", "MIA")
 
 #: Percentage points above the majority-class rate within which a retain accuracy counts as
-#: collapsed (DESIGN §6).
+#: collapsed (docs/design.md §6).
 COLLAPSE_MARGIN = 10.0
 
 
@@ -45,7 +45,7 @@ def is_collapsed(ra: float, majority: float, margin: float = COLLAPSE_MARGIN) ->
     ``majority`` being :func:`majority_rate` of the retain labels.
 
     Such a model predicts (almost) one class, and its MIA lands at 0 or 100, which can make its
-    gap to retrain look deceptively good (DESIGN §6). NaN inputs are not collapsed.
+    gap to retrain look deceptively good (docs/design.md §6). NaN inputs are not collapsed.
     """
     return bool(ra <= majority + margin)  # False for NaN
 
@@ -164,7 +164,7 @@ def svc_mia_efficacy(members: np.ndarray, non_members: np.ndarray, targets: np.n
 
 
 def mia_efficacy(model: nn.Module, split: UnlearningSplit, batch_size: int = 1024) -> float:
-    """MIA-efficacy on the forget set, the SalUn recipe (DESIGN §6).
+    """MIA-efficacy on the forget set, the SalUn recipe (docs/design.md §6).
 
     Members are the first N retain samples, N = the test-set size (all of them if the retain set
     is smaller); non-members are the test set; the feature is the true-label softmax probability.

@@ -1,12 +1,22 @@
-"""Study bookkeeping and the report: collapse counts, best learning rates, header, marks."""
+"""Study bookkeeping and the report: collapse counts, best learning rates, header, marks;
+per-method learning rates, batch sizes per data set, parallel runs equal to sequential ones."""
+import copy
 import json
 import re
+from dataclasses import replace
 
 import pytest
+import torch
 
 from masked_optim.workbench import study
-from masked_optim.workbench.report import markdown_report
-from masked_optim.workbench.study import StudyConfig, best_lr_table, compare_masks, cpu_model, summarise
+from masked_optim.workbench.data import load_dataset, make_split
+from masked_optim.workbench.methods import get_method
+from masked_optim.workbench.metrics import avg_gap, evaluate
+from masked_optim.workbench.report import combined_report, markdown_report
+from masked_optim.workbench.runner import run_unlearning
+from masked_optim.workbench.study import StudyConfig, best_lr_table, compare_masks, cpu_model, run_study, \
+    summarise
+from masked_optim.workbench.training import ModelCache, default_train_config, reference_model
 
 
 def _run(method, mask, lr, seed, gap, diverged=False, collapsed=False):
@@ -159,3 +169,123 @@ def test_study_config_mask_options():
         StudyConfig(mask_options={"confidenc": 0.9}).resolved()
     with pytest.raises(ValueError):
         StudyConfig(mask_options={"quantile": "cauchy"}).resolved()
+
+
+def test_study_config_method_lrs():
+    cfg = StudyConfig(methods=("RL", "GA", "FT"), lrs=(0.1,),
+                      method_lrs={"rl": [0.003, 0.03], "GA": 0.001, "SCRUB": (0.5,)})
+    # normalised to pairs of float tuples (hashable), a single number is one learning rate
+    assert cfg.method_lrs == (("rl", (0.003, 0.03)), ("GA", (0.001,)), ("SCRUB", (0.5,)))
+    assert hash(cfg) == hash(StudyConfig(methods=("RL", "GA", "FT"), lrs=(0.1,), method_lrs=(
+        ("rl", (0.003, 0.03)), ("GA", (0.001,)), ("SCRUB", (0.5,)))))
+    assert cfg.lrs_of("RL") == (0.003, 0.03) and cfg.lrs_of("ga") == (0.001,)
+    assert cfg.lrs_of("FT") == (0.1,)  # no entry: lrs
+    assert StudyConfig(lrs=None).lrs_of("FT") == (None,)  # the recipe's
+    # resolved: canonical names, entries of methods not run dropped
+    assert cfg.resolved().method_lrs == (("RL", (0.003, 0.03)), ("GA", (0.001,)))
+    assert StudyConfig().method_lrs == ()
+    with pytest.raises(ValueError, match="unknown method"):
+        StudyConfig(method_lrs={"Nope": (0.1,)}).resolved()
+    with pytest.raises(ValueError, match="twice"):
+        StudyConfig(method_lrs=(("RL", (0.1,)), ("rl", (0.2,)))).resolved()
+    with pytest.raises(ValueError, match="positive"):
+        StudyConfig(method_lrs={"RL": ()}).resolved()
+    with pytest.raises(ValueError, match="positive"):
+        StudyConfig(method_lrs={"RL": (0.1, -1.0)}).resolved()
+    with pytest.raises(ValueError, match="workers"):
+        StudyConfig(workers=0).resolved()
+
+
+def test_batch_size_and_forget_defaults_per_data_set():
+    assert StudyConfig(dataset="digits").resolved().batch_size == 64
+    assert StudyConfig(dataset="mnist1d").resolved().batch_size == 128
+    assert StudyConfig(dataset="cifar10").resolved().batch_size is None  # each method's recipe
+    assert StudyConfig(dataset="mnist1d", batch_size=32).resolved().batch_size == 32
+    assert study.default_forget("digits") == "class:3"
+    assert study.default_forget("mnist1d") == "random:0.1"
+    assert study.default_forget("cifar10") == "random:0.1"
+    # the main job has learning rates for every default method on both data sets
+    for dataset in ("digits", "mnist1d"):
+        assert set(study.MAIN_JOB_LRS[dataset]) == set(study.DEFAULT_METHODS)
+        assert all(lrs and all(lr > 0 for lr in lrs) for lrs in study.MAIN_JOB_LRS[dataset].values())
+
+
+def _comparable(run):
+    # everything a run records except its timing
+    return {k: v for k, v in run.items() if k != "runtime_s"}
+
+
+def test_parallel_runs_equal_sequential_runs_and_method_lrs_are_honoured(tmp_path, monkeypatch):
+    # The suite runs with one torch thread (conftest), as every worker does: floats can differ
+    # across thread counts, not across processes.
+    assert torch.get_num_threads() == 1
+    cfg = StudyConfig(dataset="digits", forget="class:3", methods=("RL", "GA"), lrs=(0.01,),
+                      method_lrs={"GA": (0.002, 0.005)}, seeds=(0, 1), epochs=1, train_epochs=2,
+                      cache_dir=str(tmp_path / "cache"), trace_points=3)
+    seq = run_study(cfg, progress=False, log=lambda s: None)
+    par = run_study(replace(cfg, workers=2), progress=False, log=lambda s: None)
+    assert seq["environment"]["workers"] == 1 and par["environment"]["workers"] == 2
+    assert par["environment"]["worker_threads"] == 1
+    # the sequential order: method, lr, mask, seed, with GA at exactly its own learning rates
+    expected = [(m, lr, mask, seed) for m, lrs in (("RL", (0.01,)), ("GA", (0.002, 0.005)))
+                for lr in lrs for mask in ("plain", "masked") for seed in (0, 1)]
+    for result in (seq, par):
+        assert [(r["method"], r["lr"], r["mask"], r["seed"]) for r in result["runs"]] == expected
+    assert [_comparable(r) for r in par["runs"]] == [_comparable(r) for r in seq["runs"]]
+    assert [_comparable(r) for r in par["summary"]] == [_comparable(r) for r in seq["summary"]]
+
+    # One run recomputed by hand from the cached reference models: the GA masked run of seed 1.
+    data = load_dataset("digits")
+    split = make_split(data, "class:3")
+    cache = ModelCache(tmp_path / "cache")
+    train = replace(default_train_config("digits"), epochs=2)
+    original, rec = reference_model("original", split, "mlp", config=train, seed=1, cache=cache,
+                                    progress=False)
+    retrain, rec2 = reference_model("retrain", split, "mlp", config=train, seed=1, cache=cache,
+                                    progress=False)
+    assert rec["cached"] and rec2["cached"]  # the study's own models
+    res = run_unlearning(copy.deepcopy(original), get_method("GA", epochs=1, batch_size=64), split,
+                         masked=True, lr=0.005, seed=1)
+    run = next(r for r in par["runs"]
+               if (r["method"], r["lr"], r["mask"], r["seed"]) == ("GA", 0.005, "masked", 1))
+    assert run["metrics"] == res.metrics.as_dict()
+    assert run["gap"] == avg_gap(res.metrics, evaluate(retrain, split))
+    assert run["steps"] == res.steps == 3  # 146 forget samples in batches of 64
+    assert run["trace"] is None  # only the first seed is traced
+    first = next(r for r in par["runs"] if r["seed"] == 0)
+    assert first["trace"][0]["step"] == 0 and first["trace"][-1]["step"] == first["steps"]
+
+
+def test_report_header_names_each_methods_learning_rates_and_workers():
+    result = _result()
+    md = markdown_report(result)
+    assert ("Learning rates per method: RL 0.003, 0.01, 0.03, 0.1; GA 0.01, 0.1; FT 0.01; "
+            "SalUn 0.01; NegGrad+ 0.1.") in md
+    at_001 = [r for r in result["summary"] if r["lr"] == 0.01]
+    same = dict(result, summary=at_001, best_lr=best_lr_table(at_001), comparison=compare_masks(at_001))
+    assert "Learning rates 0.01 for every method." in markdown_report(same)
+    result["environment"].update(workers=2, worker_threads=1)
+    assert "torch 9.9.9, 2 worker processes of 1 thread each." in markdown_report(result)
+    # the first table is the best-learning-rate comparison
+    first_table = md.index("\n|")
+    assert md.index("## Best learning rate per method") < first_table < md.index("## Reference models")
+
+
+def test_combined_report_has_one_section_per_data_set_best_lr_table_first():
+    digits = _result()
+    other = json.loads(json.dumps(_result()))
+    other["data"].update(dataset="mnist1d", forget="random:0.1")
+    md = combined_report({"digits": digits, "mnist1d": other}, wall_time_s=42.0)
+    assert md.startswith("# Unlearning studies: digits (forget `class:3`), mnist1d (forget `random:0.1`)\n")
+    assert "2 studies in 42 s." in md
+    # RL and FT are compared (GA has no masked best; SalUn no plain; NegGrad+ all diverged)
+    assert "- digits, forget `class:3`: masked is better at its best learning rate for 1 of 2 methods." in md
+    starts = [md.index("\n## Unlearning study: digits, forget `class:3`\n"),
+              md.index("\n## Unlearning study: mnist1d, forget `random:0.1`\n")]
+    assert starts[0] < starts[1]
+    for start, end, name in ((starts[0], starts[1], "digits"), (starts[1], len(md), "mnist1d")):
+        section = md[start:end]
+        assert section.index("\n|") > section.index("\n### Best learning rate per method: " + name)
+        assert section.index("\n|") < section.index("\n### Reference models")
+        assert "\n# " not in section and "\n## Reference" not in section
+    assert md.count("| RL | 0.01: 8.61 ± 1.20 | **0.03: 6.60 ± 0.90** |") == 2

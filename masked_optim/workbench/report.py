@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_report", "plot_gap_vs_lr", "plot_trajectories", "write_results"]
+__all__ = ["combined_report", "markdown_report", "plot_gap_vs_lr", "plot_trajectories", "write_combined",
+           "write_results"]
 
 
 def _pm(mean: float | None, std: float | None, digits: int = 1) -> str:
@@ -87,9 +88,32 @@ def _best_lr_section(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown_report(result: dict[str, Any]) -> str:
-    """The study as Markdown: set-up, reference models, each method's best-learning-rate gap
-    (plain versus masked), the gap at every learning rate, the full table and notes."""
+def _lrs_text(summary: list[dict[str, Any]]) -> str:
+    # The learning rates each method ran at: one list when every method ran the same ones.
+    per_method: dict[str, set[float]] = {}
+    for r in summary:
+        per_method.setdefault(r["method"], set()).add(r["lr"])
+    if not per_method:
+        return ""
+    lists = {m: ", ".join(f"{lr:g}" for lr in sorted(lrs)) for m, lrs in per_method.items()}
+    if len(set(lists.values())) == 1:
+        return f"Learning rates {next(iter(lists.values()))} for every method."
+    return "Learning rates per method: " + "; ".join(f"{m} {t}" for m, t in lists.items()) + "."
+
+
+def _threads_text(env: dict[str, Any]) -> str:
+    workers = env.get("workers") or 1
+    if workers > 1:
+        per = env.get("worker_threads")
+        return (f"{workers} worker processes" + (f" of {per} thread{'s' if per != 1 else ''} each"
+                                                 if per else ""))
+    return f"{env['torch_threads']} threads"
+
+
+def markdown_report(result: dict[str, Any], level: int = 1) -> str:
+    """The study as Markdown: set-up, each method's best-learning-rate gap (plain versus
+    masked, the first table), reference models, the gap at every learning rate, the full table
+    and notes. ``level`` is the level of the title heading (2 to nest the report in another)."""
     cfg, data, env = result["config"], result["data"], result["environment"]
     seeds = ", ".join(str(s) for s in cfg["seeds"])
     opt_name = {"sgd": "ProbablyAlignedSGD", "adam": "ProbablyAlignedAdam"}.get(cfg["optimizer"],
@@ -109,13 +133,15 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"{cfg['momentum']:g}, weight decay {cfg['weight_decay']:g}); *masked* = "
         f"{opt_name}({_mask_options_text(cfg.get('mask_options'))}), *plain* = the same optimizer "
         f"with `confidence=None, forget_confidence=None, retain_confidence=None` ({base}). "
-        f"Seeds {seeds}; mean ± std over seeds. Wall time {result['wall_time_s']:.0f} s, "
-        f"measured on {cpu}, torch {env['torch']}, {env['torch_threads']} threads{device}."
+        f"Seeds {seeds}; mean ± std over seeds. {_lrs_text(result['summary'])} "
+        f"Wall time {result['wall_time_s']:.0f} s, "
+        f"measured on {cpu}, torch {env['torch']}, {_threads_text(env)}{device}."
         + (" Whole-update test (`certify`): each masked step is checked on an independent retain "
            "batch of the step's size, disjoint from the step's retain batch."
            if any(k == "certify" and v is not None for k, v in _pairs(cfg.get("mask_options")))
            else ""),
         "",
+        *_best_lr_section(result),
         "## Reference models",
         "",
         "| model | FA | UA | RA | TA | MIA | Avg. Gap |",
@@ -123,7 +149,6 @@ def markdown_report(result: dict[str, Any]) -> str:
         _reference_row("Original", result["reference"]["original"]),
         _reference_row("Retrain", result["reference"]["retrain"]),
         "",
-        *_best_lr_section(result),
         "## Avg. Gap to retrain at every learning rate (lower is better)",
         "",
     ]
@@ -178,7 +203,33 @@ def markdown_report(result: dict[str, Any]) -> str:
     if data["forget"].startswith("class"):
         lines += ["", "Class-wise forgetting: the forgotten classes are removed from the test set "
                       "(TA and the MIA non-members), as SalUn does."]
+    if level > 1:
+        lines = [("#" * (level - 1) + line) if line.startswith("#") else line for line in lines]
     return "\n".join(lines) + "\n"
+
+
+def combined_report(results: dict[str, dict[str, Any]], wall_time_s: float | None = None) -> str:
+    """The studies of several data sets (name -> result of
+    :func:`~masked_optim.workbench.study.run_study`) as one Markdown document: a title, one line
+    per data set with the count of methods where masked wins at its best learning rate, then each
+    study's report one heading level down (its first table: the best-learning-rate comparison)."""
+    from .study import best_lr_table
+
+    titles = [f"{name} (forget `{r['data']['forget']}`)" for name, r in results.items()]
+    lines = [f"# Unlearning studies: {', '.join(titles)}", ""]
+    if wall_time_s is not None:
+        lines += [f"{len(results)} {'study' if len(results) == 1 else 'studies'} in "
+                  f"{wall_time_s:.0f} s. Each data set's folder holds its results.md, results.json "
+                  "and plots.", ""]
+    for name, r in results.items():
+        table = r.get("best_lr") or best_lr_table(r["summary"])
+        compared = [row for row in table if row["masked_better"] is not None]
+        n_better = sum(bool(row["masked_better"]) for row in compared)
+        lines.append(f"- {name}, forget `{r['data']['forget']}`: masked is better at its best "
+                     f"learning rate for {n_better} of {len(compared)} methods.")
+    lines.append("")
+    text = "\n".join(lines) + "\n"
+    return text + "\n".join(markdown_report(r, level=2) for r in results.values())
 
 
 def _pyplot():
@@ -233,11 +284,15 @@ def plot_trajectories(result: dict[str, Any], path: str | Path) -> Path | None:
     seed = traced[0]["seed"]
     traced = [r for r in traced if r["seed"] == seed]
     methods = list(dict.fromkeys(r["method"] for r in traced))
-    lrs = sorted({r["lr"] for r in traced})
-    fig, axes = plt.subplots(len(methods), len(lrs), figsize=(2.8 * len(lrs), 2.2 * len(methods)),
+    # each method's row holds its own learning rates (they may differ per method)
+    method_lrs = {m: sorted({r["lr"] for r in traced if r["method"] == m}) for m in methods}
+    ncols = max(len(v) for v in method_lrs.values())
+    fig, axes = plt.subplots(len(methods), ncols, figsize=(2.8 * ncols, 2.2 * len(methods)),
                              squeeze=False, sharey=True)
     for i, method in enumerate(methods):
-        for j, lr in enumerate(lrs):
+        for j in range(len(method_lrs[method]), ncols):
+            axes[i, j].axis("off")
+        for j, lr in enumerate(method_lrs[method]):
             ax = axes[i, j]
             for r in traced:
                 if r["method"] != method or r["lr"] != lr:
@@ -296,4 +351,17 @@ def write_results(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     traj = plot_trajectories(result, out / "trajectories.png")
     if traj is not None:
         paths["trajectory_plot"] = traj
+    return paths
+
+
+def write_combined(results: dict[str, dict[str, Any]], out_dir: str | Path,
+                   wall_time_s: float | None = None) -> dict[str, Path]:
+    """Write the combined ``results.md`` (:func:`combined_report`) and ``results.json`` (the
+    results under their data sets' names) of several studies into ``out_dir``. Each study's own
+    folder is :func:`write_results`'s business (``out_dir/<name>/`` in ``masked-optim``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / "results.md", "json": out / "results.json"}
+    paths["markdown"].write_text(combined_report(results, wall_time_s))
+    paths["json"].write_text(json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n")
     return paths

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -22,26 +24,56 @@ from .models import default_arch
 from .runner import make_optimizer, run_unlearning
 from .training import ModelCache, default_train_config, reference_model
 
-__all__ = ["DEFAULT_METHODS", "StudyConfig", "best_lr_table", "compare_masks", "cpu_model", "run_study",
-           "summarise"]
+__all__ = ["DEFAULT_FORGET", "DEFAULT_METHODS", "MAIN_JOB_LRS", "StudyConfig", "best_lr_table",
+           "compare_masks", "cpu_model", "default_forget", "run_study", "summarise"]
 
 DEFAULT_METHODS = ("RL", "NegGrad+", "GA", "FT", "SalUn", "l1-sparse", "SCRUB")
 MASKS = ("plain", "masked")
 
+#: The forget set of a data set's study when none is named (``masked-optim`` without
+#: ``--forget``): a whole class of digits; a random 10 % of MNIST-1D, whose MLP memorises its
+#: training set, so that forgetting random samples is measurable. Any other data set:
+#: ``random:0.1`` (:func:`default_forget`).
+DEFAULT_FORGET: dict[str, str] = {"digits": "class:3", "mnist1d": "random:0.1"}
+
+#: Learning rates of the main job (``masked-optim`` without ``--lrs``), per data set and method;
+#: a data set not listed runs :attr:`StudyConfig.lrs`. PLACEHOLDER values, to be replaced by the
+#: outcome of a study.
+MAIN_JOB_LRS: dict[str, dict[str, tuple[float, ...]]] = {
+    dataset: {method: (0.003, 0.03) for method in DEFAULT_METHODS}
+    for dataset in ("digits", "mnist1d")
+}
+
+
+def default_forget(dataset: str) -> str:
+    """The forget spec of ``dataset``'s study when none is named (:data:`DEFAULT_FORGET`)."""
+    return DEFAULT_FORGET.get(dataset, "random:0.1")
+
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Everything that defines a study. The defaults are the digits study of ``masked-optim``.
+    """Everything that defines a study of one data set. (``masked-optim`` without options runs
+    two: digits and MNIST-1D, with :data:`MAIN_JOB_LRS` as ``method_lrs``, seeds 0, 1, 2 and 2
+    workers; see :mod:`masked_optim.cli`.)
 
     ``lrs=None`` runs each method at its own recipe learning rate; ``batch_size=None`` uses each
-    method's recipe batch size (256 for most), except on ``digits`` where 64 is used because the
-    whole training set is only 1437 images. ``epochs=None`` keeps each method's recipe.
+    method's recipe batch size (256 for most), except on ``digits`` (64, the whole training set is
+    only 1437 images) and ``mnist1d`` (128, of 4000). ``epochs=None`` keeps each method's recipe.
+    ``method_lrs`` gives some methods their own learning rates, replacing ``lrs`` for them, as
+    ``(method, lrs)`` pairs, e.g. ``(("RL", (0.003, 0.03)),)`` (a mapping is accepted and turned
+    into pairs; a single number is one learning rate); entries of methods the study does not run
+    are dropped by :meth:`resolved`.
     The first ``trace_seeds`` seeds record forget/retain accuracy at about ``trace_points``
     evenly spaced steps of each run, for the plots.
 
     ``mask_options`` are the keyword arguments of the masked runs' optimizer as ``(name, value)``
     pairs, e.g. ``(("confidence", 0.9), ("rescale", None))`` (a mapping is accepted and turned
     into pairs); empty means the optimizer's own defaults. The plain runs take none.
+
+    ``workers > 1`` runs the unlearning runs in that many processes (spawned; each with one torch
+    thread on the CPU), with the same results as ``workers=1`` at one thread: every run seeds
+    itself. A script that calls :func:`run_study` with workers needs the usual
+    ``if __name__ == "__main__":`` guard of multiprocessing.
     """
 
     dataset: str = "digits"
@@ -67,6 +99,8 @@ class StudyConfig:
     trace_points: int = 50
     trace_seeds: int = 1
     device: str = "cpu"
+    method_lrs: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    workers: int = 1
 
     def __post_init__(self) -> None:
         items = self.mask_options.items() if isinstance(self.mask_options, Mapping) else self.mask_options
@@ -75,6 +109,19 @@ class StudyConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"mask option given twice: {names}")
         object.__setattr__(self, "mask_options", pairs)
+        items = self.method_lrs.items() if isinstance(self.method_lrs, Mapping) else self.method_lrs
+        lr_pairs = tuple((str(k), (float(v),) if isinstance(v, (int, float)) else tuple(float(x) for x in v))
+                         for k, v in items)
+        object.__setattr__(self, "method_lrs", lr_pairs)
+
+    def lrs_of(self, method: str) -> tuple[float | None, ...]:
+        """The learning rates ``method`` runs at: its ``method_lrs`` entry, else ``lrs``; ``None``
+        stands for the method's recipe learning rate."""
+        name = get_method(method).name
+        for key, lrs in self.method_lrs:
+            if get_method(key).name == name:
+                return lrs
+        return self.lrs if self.lrs is not None else (None,)
 
     def resolved(self) -> StudyConfig:
         """Fill the data-dependent defaults (model, batch size) and validate the choices."""
@@ -86,10 +133,24 @@ class StudyConfig:
         if not self.seeds:
             raise ValueError("at least one seed is needed")
         _check_mask_options(self.optimizer, self.mask_options)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
+        running = {get_method(m).name for m in self.methods}
+        seen: set[str] = set()
+        method_lrs = []
+        for key, lrs in self.method_lrs:
+            name = get_method(key).name  # unknown names fail here
+            if name in seen:
+                raise ValueError(f"learning rates of {name} given twice in method_lrs")
+            seen.add(name)
+            if not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
+                raise ValueError(f"method_lrs of {name} must be positive learning rates, got {lrs}")
+            if name in running:
+                method_lrs.append((name, lrs))
         model = self.model or default_arch(self.dataset)
-        batch = self.batch_size if self.batch_size is not None else (64 if self.dataset == "digits"
-                                                                     else None)
-        return replace(self, model=model, batch_size=batch)
+        batch = (self.batch_size if self.batch_size is not None
+                 else {"digits": 64, "mnist1d": 128}.get(self.dataset))
+        return replace(self, model=model, batch_size=batch, method_lrs=tuple(method_lrs))
 
 
 def _check_mask_options(optimizer: str, options: tuple[tuple[str, Any], ...]) -> None:
@@ -146,7 +207,7 @@ def compare_masks(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def best_lr_table(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each method's best learning rate, plain and masked (DESIGN §6: compare at each method's
+    """Each method's best learning rate, plain and masked (docs/design.md §6: compare at each method's
     best learning rate).
 
     One row per method (in the order of ``summary``): ``{"method", "plain", "masked",
@@ -203,16 +264,91 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _unlearning_run(cfg: StudyConfig, split: Any, original: torch.nn.Module, retrain_metrics: Any,
+                    name: str, lr: float | None, mask: str, seed: int) -> dict[str, Any]:
+    # One run of the study, as recorded in result["runs"]; the same in the main process and in a
+    # worker (run_unlearning seeds its batches and the module randomness from ``seed``).
+    method = get_method(name, epochs=cfg.epochs, batch_size=cfg.batch_size)
+    lr_used = method.lr if lr is None else lr
+    model = copy.deepcopy(original).to(cfg.device)
+    traced = seed in cfg.seeds[:cfg.trace_seeds]
+    res = run_unlearning(
+        model, method, split, masked=mask == "masked", lr=lr_used, optimizer=cfg.optimizer,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        mask_options=dict(cfg.mask_options), seed=seed,
+        trace_points=cfg.trace_points if traced else 0)
+    assert res.metrics is not None
+    return {
+        "method": method.name, "mask": mask, "lr": lr_used, "seed": seed,
+        "hyperparameters": method.hyperparameters(), "steps": res.steps,
+        "metrics": res.metrics.as_dict(), "gap": avg_gap(res.metrics, retrain_metrics),
+        "runtime_s": res.runtime_s, "kept_fraction": res.kept_fraction,
+        "skipped_steps": res.skipped_steps, "diverged": res.diverged,
+        "collapsed": res.collapsed, "certificates": res.certificates,
+        "trace": res.trace if traced else None, "kept": res.kept if traced else None,
+    }
+
+
+# What a worker process of run_study holds: set once by _init_worker, read by _worker_run.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cfg: StudyConfig, split: Any, originals: dict[int, torch.nn.Module],
+                 retrain_metrics: dict[int, Any]) -> None:
+    if torch.device(cfg.device).type == "cpu":
+        torch.set_num_threads(1)
+    _WORKER.update(cfg=cfg, split=split, originals=originals, retrain=retrain_metrics)
+
+
+def _worker_run(job: tuple[str, float | None, str, int]) -> dict[str, Any]:
+    w = _WORKER
+    seed = job[3]
+    return _unlearning_run(w["cfg"], w["split"], w["originals"][seed], w["retrain"][seed], *job)
+
+
+def _label(job: tuple[str, float | None, str, int]) -> str:
+    name, lr, mask, seed = job
+    return f"{name} {mask} lr={'recipe' if lr is None else f'{lr:g}'} seed={seed}"
+
+
+def _run_parallel(cfg: StudyConfig, jobs: list[tuple[str, float | None, str, int]], split: Any,
+                  originals: dict[int, torch.nn.Module], retrain_metrics: dict[int, Any],
+                  workers: int, bar: Any) -> list[dict[str, Any]]:
+    # The split and the original models travel once per worker (initializer); each job is a
+    # tuple of four. Results come back in the order of ``jobs`` whatever order they finish in.
+    cpu_models = {seed: copy.deepcopy(m).cpu() for seed, m in originals.items()}
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker,
+                               initargs=(cfg, split, cpu_models, retrain_metrics))
+    try:
+        pending = {pool.submit(_worker_run, job): i for i, job in enumerate(jobs)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                results[i] = fut.result()
+                bar.set_postfix_str(_label(jobs[i]), refresh=False)
+                bar.update()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return [r for r in results if r is not None]
+
+
 def run_study(config: StudyConfig, *, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or load) the original and retrained models for every seed, run every method with
-    and without the mask at every learning rate, and return a JSON-serialisable result."""
+    and without the mask at every learning rate (``lrs``, or its ``method_lrs``), and return a
+    JSON-serialisable result. With ``workers > 1`` the unlearning runs go to worker processes;
+    ``runs`` keeps the sequential order."""
     cfg = config.resolved()
     assert cfg.model is not None
     wall = time.perf_counter()
     device = torch.device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_root, split_seed=cfg.split_seed,
-                        test_fraction=cfg.test_fraction)
+                        test_fraction=cfg.test_fraction, cache_dir=cfg.cache_dir)
     split = make_split(data, cfg.forget, seed=cfg.split_seed)
     train_cfg = default_train_config(data.name)
     if cfg.train_epochs is not None:
@@ -242,40 +378,31 @@ def run_study(config: StudyConfig, *, progress: bool = True,
 
     jobs = [(name, lr, mask, seed)
             for name in cfg.methods
-            for lr in (cfg.lrs if cfg.lrs is not None else (None,))
+            for lr in cfg.lrs_of(name)
             for mask in cfg.masks
             for seed in cfg.seeds]
-    runs: list[dict[str, Any]] = []
-    bar = tqdm(jobs, desc="unlearning runs", disable=not progress, unit="run")
-    for name, lr, mask, seed in bar:
-        method = get_method(name, epochs=cfg.epochs, batch_size=cfg.batch_size)
-        lr_used = method.lr if lr is None else lr
-        bar.set_postfix_str(f"{method.name} {mask} lr={lr_used:g} seed={seed}")
-        model = copy.deepcopy(originals[seed])
-        traced = seed in cfg.seeds[:cfg.trace_seeds]
-        res = run_unlearning(
-            model, method, split, masked=mask == "masked", lr=lr_used, optimizer=cfg.optimizer,
-            momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            mask_options=dict(cfg.mask_options), seed=seed,
-            trace_points=cfg.trace_points if traced else 0)
-        assert res.metrics is not None
-        runs.append({
-            "method": method.name, "mask": mask, "lr": lr_used, "seed": seed,
-            "hyperparameters": method.hyperparameters(), "steps": res.steps,
-            "metrics": res.metrics.as_dict(), "gap": avg_gap(res.metrics, retrain_metrics[seed]),
-            "runtime_s": res.runtime_s, "kept_fraction": res.kept_fraction,
-            "skipped_steps": res.skipped_steps, "diverged": res.diverged,
-            "collapsed": res.collapsed, "certificates": res.certificates,
-            "trace": res.trace if traced else None, "kept": res.kept if traced else None,
-        })
+    workers = min(cfg.workers, len(jobs))
+    bar = tqdm(total=len(jobs), desc="unlearning runs", disable=not progress, unit="run")
+    if workers > 1:
+        runs = _run_parallel(cfg, jobs, split, originals, retrain_metrics, workers, bar)
+    else:
+        runs = []
+        for job in jobs:
+            bar.set_postfix_str(_label(job))
+            seed = job[3]
+            runs.append(_unlearning_run(cfg, split, originals[seed], retrain_metrics[seed], *job))
+            bar.update()
     bar.close()
     summary = summarise(runs)
+    parallel = workers > 1
     return {
         "config": asdict(cfg),
         "train_config": asdict(train_cfg),
         "environment": {
             "masked_optim": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "torch_threads": torch.get_num_threads(),
+            "workers": workers,
+            "worker_threads": (1 if device.type == "cpu" else None) if parallel else None,
             "cpu_count": os.cpu_count(), "cpu": cpu_model(),
         },
         "data": {"dataset": data.name, "forget": str(split.spec), "n_train": len(data.train),

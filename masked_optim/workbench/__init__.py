@@ -24,7 +24,8 @@ from .training import ModelCache, TrainConfig, default_cache_dir, reference_mode
 
 __all__ = [
     "accuracy", "ARCHS", "avg_gap", "BatchStream", "best_lr_table", "build_model", "combined_report",
-    "DATASETS", "default_cache_dir", "DEFAULT_FORGET", "default_forget", "DEFAULT_METHODS", "distill_kl", "evaluate",
+    "DATASETS", "default_cache_dir", "DEFAULT_FORGET", "default_forget", "DEFAULT_METHODS", "distill_kl",
+    "evaluate",
     "ForgetSpec", "FT", "GA", "get_method", "ImageDataset", "ImageSet", "is_collapsed", "L1Sparse",
     "load_dataset", "MAIN_JOB_LRS", "majority_rate", "make_optimizer",
     "make_split", "markdown_report", "METHODS", "Metrics", "mia_efficacy", "MLP", "ModelCache", "NegGradPlus",

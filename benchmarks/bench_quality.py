@@ -126,7 +126,9 @@ def run_cli(args: argparse.Namespace, grid: dict[str, Any], cache_dir: str | Non
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise RuntimeError(f"masked-optim unlearn exited {proc.returncode}: " + " | ".join(tail))
-    result = json.loads((out_dir / "results.json").read_text())
+    # the CLI writes one folder per dataset (OUT/<dataset>/results.json) beside a combined index
+    per_dataset = out_dir / args.dataset / "results.json"
+    result = json.loads((per_dataset if per_dataset.is_file() else out_dir / "results.json").read_text())
     result["_command"] = cmd
     return result
 

@@ -70,8 +70,9 @@ def _raise_retain_backward(model, rb, scale=1.0):
 def test_accepted_step_is_the_uncertified_step():
     model, fb, rb = _problem()
     twin = copy.deepcopy(model)
-    a = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, model=model, certify=0.5)
-    b = ProbablyAlignedSGD(twin.parameters(), lr=0.1, momentum=0.9, model=twin)
+    # both tests at 0.95, the step rescaled by the default "norm" rule: the certified step is the applied one
+    a = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, model=model, confidence=0.95, certify=0.5)
+    b = ProbablyAlignedSGD(twin.parameters(), lr=0.1, momentum=0.9, model=twin, confidence=0.95)
     a.step(forget=fb, retain=rb)
     b.step(forget=fb, retain=rb)
     cert = a.diagnostics.certificate

@@ -129,15 +129,18 @@ def test_cap_binds_and_scale_is_one_without_kept_coordinates():
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_default_step_is_rescaled_hard_mask_of_per_sample_tests(foreach):
-    """The optimizer as constructed with no mask option: p_new = p − lr·s·m⊙u, m from per-sample-loop
-    z-scores at the default confidence, s = 1/max(mean(m), 1/100) per tensor; u = torch.optim.SGD's."""
+    """The optimizer as constructed with no mask option: p_new = p − lr·s·m⊙u with m from
+    per-sample-loop z-scores (forget z_f > Φ⁻¹(0.95), retain z_r > Φ⁻¹(0.05)) and
+    s = min(‖u‖/‖m⊙u‖, 100) per tensor; u is torch.optim.SGD's."""
     model = _mlp(1)
     opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, model=model, foreach=foreach)
     g = opt.param_groups[0]
+    assert (g["rescale"], g["rescale_scope"], g["max_scale"]) == ("norm", "tensor", 100.0)
+    assert (opt._effective(g, "forget"), opt._effective(g, "retain")) == (0.95, 0.05)
     twin = copy.deepcopy(model)
     ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
     params, tparams = list(model.parameters()), list(twin.parameters())
-    qf, qr = (normal_quantile(opt._effective(g, s)) if opt._effective(g, s) else None for s in ("forget", "retain"))
+    qf, qr = normal_quantile(0.95), normal_quantile(0.05)
     mismatched = kept = total = 0
     for step in range(4):
         fb, rb = _batches(20 + step, n_f=24, n_r=32)
@@ -156,19 +159,34 @@ def test_default_step_is_rescaled_hard_mask_of_per_sample_tests(foreach):
         for i, p in enumerate(params):
             lr_u = (old[i] - tparams[i].detach()).double()
             s = torch.sign(lr_u)
-            m = s != 0
-            if qf is not None:
-                m &= reference_z(-s, mf[i], m2f[i], 24) > qf
-            if qr is not None:
-                m &= reference_z(s, mr[i], m2r[i], 32) > qr
-            scale = 1.0 / max(m.double().mean().item(), 1.0 / g["max_scale"])
-            expected = old[i].double() - scale * m.double() * lr_u
+            m = (s != 0) & (reference_z(-s, mf[i], m2f[i], 24) > qf) & (reference_z(s, mr[i], m2r[i], 32) > qr)
+            md = m.double()
+            part = (md * lr_u).norm().item()
+            scale = 1.0 if part == 0 else min(lr_u.norm().item() / part, 100.0)
+            expected = old[i].double() - scale * md * lr_u
             mismatched += ((p.double() - expected).abs() > 1e-6 * scale).sum().item()
             kept += m.sum().item()
             total += m.numel()
-    assert g["rescale"] == "count" and g["rescale_scope"] == "tensor"
     assert 0.0 < kept / total < 0.95, kept / total
     assert mismatched <= 2, mismatched  # float32 vs float64 statistics at the threshold
+
+
+def test_confidence_given_applies_to_both_tests():
+    """``confidence`` given (also None) sets both tests, as before the retain default existed; a side
+    given its own confidence keeps it; a param group's own confidence applies to both of its tests."""
+    model = _mlp()
+    cases = [({}, (0.95, 0.05)), (dict(confidence=0.9), (0.9, 0.9)), (dict(confidence=None), (None, None)),
+             (dict(confidence=0.9, retain_confidence=0.2), (0.9, 0.2)), (dict(retain_confidence=0.3), (0.95, 0.3)),
+             (dict(retain_confidence=None), (0.95, 0.95))]  # None: as `confidence`
+    for kw, expected in cases:
+        opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, **kw)
+        g = opt.param_groups[0]
+        assert (opt._effective(g, "forget"), opt._effective(g, "retain")) == expected, kw
+    opt = ProbablyAlignedSGD([{"params": model[0].parameters(), "confidence": None}, {"params": model[2].parameters()}],
+                             lr=0.1, model=model)
+    g0, g1 = opt.param_groups
+    assert (opt._effective(g0, "forget"), opt._effective(g0, "retain")) == (None, None)
+    assert (opt._effective(g1, "forget"), opt._effective(g1, "retain")) == (0.95, 0.05)
 
 
 @pytest.mark.parametrize("how", ["count", "norm"])

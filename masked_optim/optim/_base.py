@@ -20,7 +20,22 @@ from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
 from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, unwrap_model, validate_batch
 
-__all__ = ["Certificate", "StepDiagnostics", "ProbablyAlignedOptimizer"]
+__all__ = ["DEFAULT", "Certificate", "StepDiagnostics", "ProbablyAlignedOptimizer"]
+
+
+class _Default:
+    """Marks a mask keyword the caller did not give (see :data:`DEFAULT`)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: Default of ``confidence`` and ``retain_confidence``: with neither given, the forget test runs at
+#: :data:`FORGET_CONFIDENCE` and the retain test at :data:`RETAIN_CONFIDENCE`; a ``confidence`` the
+#: caller gives applies to both tests (``None``: no mask), unless a side is given its own.
+DEFAULT: Any = _Default()
+FORGET_CONFIDENCE = 0.95
+RETAIN_CONFIDENCE = 0.05  # q < 0: drop only coordinates whose step probably raises the retain loss
 
 @dataclasses.dataclass(frozen=True)
 class StepDiagnostics:
@@ -289,7 +304,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         certify: float | None = None,
         certify_policy: str = "tighten",
         certify_tries: int = 8,
-        rescale: str | None = "count",
+        rescale: str | None = "norm",
         rescale_scope: str = "tensor",
         max_scale: float = 100.0,
     ) -> None:
@@ -299,6 +314,10 @@ class ProbablyAlignedOptimizer(Optimizer):
             raise TypeError("loss_fn must be callable(outputs, targets) -> scalar loss")
         if forget_weight < 0 or retain_weight < 0:
             raise ValueError("forget_weight and retain_weight must be non-negative")
+        if retain_confidence is DEFAULT:
+            retain_confidence = RETAIN_CONFIDENCE if confidence is DEFAULT else None
+        if confidence is DEFAULT:
+            confidence = FORGET_CONFIDENCE
         defaults = dict(
             defaults,
             confidence=confidence,
@@ -330,6 +349,8 @@ class ProbablyAlignedOptimizer(Optimizer):
 
     # -- configuration ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "confidence" in param_group:  # a group's own confidence applies to both of its tests
+            param_group = {"forget_confidence": None, "retain_confidence": None, **param_group}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for key in ("confidence", "forget_confidence", "retain_confidence"):

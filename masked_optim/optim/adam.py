@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..stats import StatsEngine
-from ._base import ProbablyAlignedOptimizer, _GroupMask, _use_foreach
+from ._base import DEFAULT, ProbablyAlignedOptimizer, _GroupMask, _use_foreach
 
 __all__ = ["ProbablyAlignedAdam", "ProbablyAlignedAdamW", "masked_adam"]
 
@@ -43,9 +43,9 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         decoupled_weight_decay: bool = False,
         model: nn.Module,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-        confidence: float | None = 0.95,
+        confidence: float | None = DEFAULT,
         forget_confidence: float | None = None,
-        retain_confidence: float | None = None,
+        retain_confidence: float | None = DEFAULT,
         quantile: str = "normal",
         soft: bool = False,
         chunk_size: int | None = None,
@@ -55,7 +55,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         certify: float | None = None,
         certify_policy: str = "tighten",
         certify_tries: int = 8,
-        rescale: str | None = "count",
+        rescale: str | None = "norm",
         rescale_scope: str = "tensor",
         max_scale: float = 100.0,
         maximize: bool = False,

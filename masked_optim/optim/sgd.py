@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..stats import StatsEngine
-from ._base import ProbablyAlignedOptimizer, _GroupMask, _use_foreach
+from ._base import DEFAULT, ProbablyAlignedOptimizer, _GroupMask, _use_foreach
 
 __all__ = ["ProbablyAlignedSGD", "masked_sgd"]
 
@@ -26,7 +26,10 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach: as torch.optim.SGD.
         model: the module whose parameters are optimised (per-sample statistics run through it).
         loss_fn: per-sample loss ``loss_fn(outputs, targets)``; cross-entropy by default.
-        confidence: confidence ``c`` of both tests; ``None`` disables the mask.
+        confidence: confidence ``c`` of both tests; ``None`` disables the mask. Not given: 0.95 for
+            the forget test and 0.05 for the retain test (the defaults study's choice, see
+            ``benchmarks/results/defaults_study/``): a coordinate moves when its update probably raises
+            the forget loss and does not probably raise the retain loss.
         forget_confidence, retain_confidence: override ``confidence`` for one test.
         quantile: ``"normal"`` (default) or ``"t"`` (Student-t, ``n − 1`` degrees of freedom).
         soft: weight coordinates by ``Φ(z_r − q_r)·Φ(z_f − q_f)`` instead of 0/1.
@@ -46,6 +49,7 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         rescale: the masked step's length, independent of how many coordinates the mask keeps:
             ``"count"`` multiplies ``m⊙u`` by ``1/mean(m)``, ``"norm"`` by ``‖u‖/‖m⊙u‖``, both capped at
             ``max_scale``; ``None`` leaves ``lr·m⊙u`` as it is (see :func:`~masked_optim.step_scale`).
+            Default ``"norm"``.
             The sign of the step's first-order effect on either loss does not depend on it.
         rescale_scope: ``"tensor"`` (each parameter's length), ``"group"`` (one factor per param
             group) or ``"global"`` (one factor for all groups that ask for it).
@@ -63,9 +67,9 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         *,
         model: nn.Module,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-        confidence: float | None = 0.95,
+        confidence: float | None = DEFAULT,
         forget_confidence: float | None = None,
-        retain_confidence: float | None = None,
+        retain_confidence: float | None = DEFAULT,
         quantile: str = "normal",
         soft: bool = False,
         chunk_size: int | None = None,
@@ -75,7 +79,7 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         certify: float | None = None,
         certify_policy: str = "tighten",
         certify_tries: int = 8,
-        rescale: str | None = "count",
+        rescale: str | None = "norm",
         rescale_scope: str = "tensor",
         max_scale: float = 100.0,
         maximize: bool = False,

@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _list_methods() -> int:
     from .workbench.methods import METHODS
+    from .workbench.study import RECOMMENDED_MASK
 
     for name, cls in METHODS.items():
         m = cls()
@@ -230,6 +231,11 @@ def _list_methods() -> int:
         print(f"{name:10s} epochs={m.epochs} lr={m.lr:g} batch={m.batch_size} "
               + " ".join(f"{k}={v}" for k, v in extra.items()).rstrip())
         print(f"{'':10s} {doc}")
+        rec = RECOMMENDED_MASK.get(name)
+        if rec is not None:
+            opts = ", ".join(f"{k}={v!r}" for k, v in rec["options"].items()) or "the defaults"
+            lrs = ", ".join(f"lr {lr:g} on {ds}" for ds, lr in rec["lr"].items())
+            print(f"{'':10s} recommended mask: {opts} ({lrs}; benchmarks/results/defaults_study)")
     return 0
 
 

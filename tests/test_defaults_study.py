@@ -68,3 +68,42 @@ def test_quick_study_writes_json_and_tables(tmp_path):
     tables = (tmp_path / "out" / "tables.md").read_text()
     assert "Screen: configurations ranked" in tables and "three times" in tables
     assert S.cpu_name() in tables
+
+
+def test_recommended_settings_are_the_committed_study_choice():
+    """``masked-optim methods`` shows what the committed screen chose, not numbers typed by hand."""
+    from masked_optim.workbench.study import RECOMMENDED_MASK
+
+    screen = json.loads((BENCH / "results" / "defaults_study" / "screen.json").read_text())
+    choice = screen["screen"]["choice"]
+    default = screen["screen"]["configs"][choice["default"]]
+    assert set(RECOMMENDED_MASK) == set(choice["per_method"])
+    for method, rec in RECOMMENDED_MASK.items():
+        picked = choice["per_method"][method]
+        options = screen["screen"]["configs"][picked["config"]]
+        # {} stands for the package default, which is the screen's overall choice
+        assert rec["options"] == options or (rec["options"] == {} and options == default), method
+        assert rec["lr"] == picked["best_lr"], method
+
+
+def test_package_default_is_the_screen_choice():
+    import torch
+
+    from masked_optim import ProbablyAlignedSGD
+
+    screen = json.loads((BENCH / "results" / "defaults_study" / "screen.json").read_text())
+    chosen = screen["screen"]["configs"][screen["screen"]["choice"]["default"]]
+    model = torch.nn.Linear(3, 2)
+    explicit = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, **chosen).param_groups[0]
+    default = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model).param_groups[0]
+    assert {k: v for k, v in explicit.items() if k != "params"} == {k: v for k, v in default.items() if k != "params"}
+
+
+def test_main_job_learning_rates_are_the_final_stage_best():
+    """The main job reruns each side's best cell of the committed final stage."""
+    from masked_optim.workbench.study import MAIN_JOB_LRS
+
+    final = json.loads((BENCH / "results" / "defaults_study" / "final.json").read_text())
+    for row in final["final"]["rows"]:
+        expected = {row["plain"]["lr"], row["masked"]["lr"]}
+        assert set(MAIN_JOB_LRS[row["dataset"]][row["method"]]) == expected, (row["dataset"], row["method"])

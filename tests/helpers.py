@@ -49,3 +49,32 @@ def reference_z(u_sign: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, n: i
         else:
             z.view(-1)[i] = a / b
     return z
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    """The optimizer tests' model: Linear(6, 12) – Tanh – Linear(12, 4)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+def random_batches(seed: int, n_f: int = 10, n_r: int = 16):
+    """A forget and a retain batch for :func:`tiny_mlp` (4 classes), from their own generator."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        (torch.randn(n_f, 6, generator=g), torch.randint(0, 4, (n_f,), generator=g)),
+        (torch.randn(n_r, 6, generator=g), torch.randint(0, 4, (n_r,), generator=g)),
+    )
+
+
+class FixedEngine:
+    """Statistics chosen so that the mask is a fixed pattern whatever the sign of u (c < 0.5, se = 0):
+    on ``frozen`` coordinates μ_r = μ_f = +1, so one of the two z's is −∞; elsewhere μ = 0, z = 0 > q."""
+
+    def __init__(self, frozen):
+        self.frozen = frozen
+
+    def __call__(self, model, params, batch, loss_fn=None):
+        from masked_optim import GradStats
+
+        means = [f.float() for f in self.frozen]
+        return GradStats(len(batch[1]), means, [torch.zeros_like(m) for m in means], torch.tensor(0.0))

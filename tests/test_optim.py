@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from masked_optim import (
-    GradStats,
     HookEngine,
     ProbablyAlignedAdam,
     ProbablyAlignedAdamW,
@@ -18,20 +17,10 @@ from masked_optim import (
     normal_quantile,
 )
 
-from .helpers import loop_moments, reference_z
+from .helpers import FixedEngine, loop_moments, random_batches, reference_z, tiny_mlp
 
 
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
-
-
-def _batches(seed, n_f=10, n_r=16):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        (torch.randn(n_f, 6, generator=g), torch.randint(0, 4, (n_f,), generator=g)),
-        (torch.randn(n_r, 6, generator=g), torch.randint(0, 4, (n_r,), generator=g)),
-    )
+_mlp, _batches = tiny_mlp, random_batches
 
 
 def _neggrad_backward(model, fb, rb):
@@ -106,18 +95,6 @@ def test_adamw_class_follows_torch_adamw():
             o.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
-
-
-class FixedEngine:
-    """Statistics chosen so that the mask is a fixed pattern whatever the sign of u (c < 0.5, se = 0):
-    on ``frozen`` coordinates μ_r = μ_f = +1, so one of the two z's is −∞; elsewhere μ = 0, z = 0 > q."""
-
-    def __init__(self, frozen):
-        self.frozen = frozen
-
-    def __call__(self, model, params, batch, loss_fn=None):
-        means = [f.float() for f in self.frozen]
-        return GradStats(len(batch[1]), means, [torch.zeros_like(m) for m in means], torch.tensor(0.0))
 
 
 @pytest.mark.parametrize("foreach", [False, True])

@@ -6,10 +6,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from masked_optim import (
-    GradStats,
     ProbablyAlignedAdam,
     ProbablyAlignedAdamW,
     ProbablyAlignedSGD,
@@ -17,32 +15,10 @@ from masked_optim import (
     step_scale,
 )
 
-from .helpers import loop_moments, reference_z
+from .helpers import FixedEngine, loop_moments, random_batches, reference_z, tiny_mlp
 
 
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
-
-
-def _batches(seed, n_f=10, n_r=16):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        (torch.randn(n_f, 6, generator=g), torch.randint(0, 4, (n_f,), generator=g)),
-        (torch.randn(n_r, 6, generator=g), torch.randint(0, 4, (n_r,), generator=g)),
-    )
-
-
-class FixedEngine:
-    """μ_r = μ_f = +1 (se = 0) on ``frozen`` coordinates, so one of the two z's is −∞ whatever sign u
-    has; μ = 0 elsewhere, z = 0 > q for c < 0.5: the mask is exactly ``~frozen``."""
-
-    def __init__(self, frozen):
-        self.frozen = frozen
-
-    def __call__(self, model, params, batch, loss_fn=None):
-        means = [f.float() for f in self.frozen]
-        return GradStats(len(batch[1]), means, [torch.zeros_like(m) for m in means], torch.tensor(0.0))
+_mlp, _batches = tiny_mlp, random_batches
 
 
 def _hand_scale(ms, us, how, cap):

@@ -8,7 +8,9 @@ Variants, timed side by side in one process (interleaved repeats, after warm-up,
              (mean retain gradient - mean forget gradient), no backward by the caller;
   c[engine]  the caller's NegGrad+ backward first, then the same masked step.
 
-All use lr=1e-4, momentum 0.9, weight decay 5e-4, confidence 0.95. Reported: the ratios b/a and
+All use lr=1e-4, momentum 0.9, weight decay 5e-4 and the mask of ``--mask``: ``defaults`` (the
+optimizer constructed with no mask option: forget test 0.95, retain test 0.05, rescale="norm") or
+``strict`` (both tests at 0.95, no rescale: the default before the defaults study). Reported: the ratios b/a and
 c/a per statistics engine (``--engine vmap,hooks``; engines that do not exist are reported as
 unavailable) and the peak memory of each variant: on CUDA ``max_memory_allocated`` above the
 steady state, on CPU the peak RSS above the steady state, each variant in a fresh subprocess.
@@ -34,10 +36,11 @@ from masked_optim import ProbablyAlignedSGD  # noqa: E402
 
 LR, MOMENTUM, WD = 1e-4, 0.9, 5e-4
 DEFAULT_ENGINES = ("vmap", "hooks")
+MASKS: dict[str, dict[str, Any]] = {"defaults": {}, "strict": {"confidence": 0.95, "rescale": None}}
 QUICK_BATCH = {"mlp": 16, "cnn": 8, "resnet18": 4}
 
 
-def make_variant(kind: str, engine: Any, model: torch.nn.Module, forget, retain):
+def make_variant(kind: str, engine: Any, model: torch.nn.Module, forget, retain, mask: str = "defaults"):
     """A zero-argument function doing one step of variant ``kind`` ('a', 'b' or 'c')."""
     if kind == "a":
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
@@ -49,7 +52,7 @@ def make_variant(kind: str, engine: Any, model: torch.nn.Module, forget, retain)
         step.opt = opt  # type: ignore[attr-defined]
         return step
     opt = ProbablyAlignedSGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD, model=model,
-                             confidence=0.95, engine=engine)
+                             engine=engine, **MASKS[mask])
     if kind == "b":
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -80,7 +83,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     engine = None
     if spec["kind"] != "a":
         engine, _ = C.resolve_engine(spec["engine"])
-    step = make_variant(spec["kind"], engine, model, forget, retain)
+    step = make_variant(spec["kind"], engine, model, forget, retain, spec.get("mask", "defaults"))
     step()  # steady state: optimizer state allocated, lazy initialisation done
     with C.PeakMemory(device) as pm:
         step()
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, eng in resolved.items():
             try:
                 for kind in ("b", "c"):
-                    fn = make_variant(kind, eng, copy.deepcopy(base), forget, retain)
+                    fn = make_variant(kind, eng, copy.deepcopy(base), forget, retain, args.mask)
                     fn()  # fails early for layers an engine does not support
                     steps[f"{kind}[{name}]"] = fn
             except Exception as err:  # noqa: BLE001 - reported in the JSON, the others still run
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for v in mem_variants:
                 kind, _, rest = v.partition("[")
                 spec = {"model": model_name, "batch": batch, "device": str(device), "kind": kind,
-                        "engine": rest.rstrip("]") or None, "threads": torch.get_num_threads()}
+                        "mask": args.mask, "engine": rest.rstrip("]") or None, "threads": torch.get_num_threads()}
                 if device.type == "cuda":
                     with C.PeakMemory(device) as pm:
                         steps[v]()
@@ -166,7 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "step",
         "machine": {**machine, "loadavg_end": C.loadavg()},
         "config": {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
-                   "lr": LR, "momentum": MOMENTUM, "weight_decay": WD, "confidence": 0.95,
+                   "lr": LR, "momentum": MOMENTUM, "weight_decay": WD, "mask": args.mask,
+                   "mask_options": MASKS[args.mask],
                    "variants": {"a": "plain NegGrad+ forward+backward (forget and retain) + torch.optim.SGD.step",
                                 "b": "ProbablyAlignedSGD.step(forget, retain), default direction, no caller backward",
                                 "c": "caller's NegGrad+ backward, then ProbablyAlignedSGD.step(forget, retain)"},
@@ -214,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help=f"comma-separated, from {','.join(C.MODELS)}")
     p.add_argument("--batch", type=int, default=None, help="override the batch size of every model")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--mask", choices=tuple(MASKS), default="defaults",
+                   help="the mask of the masked variants: the optimizer's defaults, or both tests at 0.95 unscaled")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 

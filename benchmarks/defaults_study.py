@@ -21,6 +21,7 @@ plain learning rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -152,9 +153,16 @@ def _execute(jobs: list[tuple], log: Path, workers: int, seeds, cache_dir, train
     for ds in sorted({j[0] for j in todo}):
         _setup(ds, seeds, cache_dir, train_epochs)
     start = time.perf_counter()
-    with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(seeds, cache_dir, train_epochs, threads)) as ex, \
-            log.open("a") as fh:
-        for i, r in enumerate(ex.map(_run, todo, chunksize=4)):
+    init = (seeds, cache_dir, train_epochs, threads)
+    with contextlib.ExitStack() as stack:
+        fh = stack.enter_context(log.open("a"))
+        if workers > 1:
+            ex = stack.enter_context(ProcessPoolExecutor(workers, initializer=_worker_init, initargs=init))
+            results = ex.map(_run, todo, chunksize=4)
+        else:  # in this process (a forked worker can hang in a multithreaded OpenMP runtime)
+            _worker_init(*init)
+            results = map(_run, todo)
+        for i, r in enumerate(results):
             fh.write(json.dumps(r) + "\n")
             fh.flush()
             done[_key(r)] = r

@@ -66,15 +66,17 @@ def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max
         raise ValueError("step_scale needs at least one tensor")
     acc = torch.float64 if any(m.dtype == torch.float64 for m in masks) else torch.float32
     if how == "count":
-        kept = torch.stack([m.sum(dtype=acc) for m in masks]).sum()
+        kept = _sum([m.sum(dtype=acc) for m in masks])
         total = float(sum(m.numel() for m in masks))
-        s = total / torch.clamp_min(kept, total / max_scale)
-    else:
-        full = torch.stack([u.square().sum(dtype=acc) for u in updates]).sum()
-        part = torch.stack([(m * u).square().sum(dtype=acc) for m, u in zip(masks, updates)]).sum()
-        s = torch.sqrt(full / part).clamp(1.0, max_scale)  # part <= full: the ratio is >= 1
-        s = torch.where(part > 0, s, torch.ones_like(s))
-    return s
+        return total / kept.clamp_min(total / max_scale)
+    full = _sum([torch.linalg.vector_norm(u, dtype=acc).square() for u in updates])
+    part = _sum([torch.linalg.vector_norm(m * u, dtype=acc).square() for m, u in zip(masks, updates)])
+    # part ≤ full, so the ratio is ≥ 1; part = 0 (nothing kept, 0/0 when u = 0 too) gives 1
+    return torch.nan_to_num(full.div_(part), nan=1.0, posinf=1.0).sqrt_().clamp_(1.0, max_scale)
+
+
+def _sum(values: list[Tensor]) -> Tensor:
+    return values[0] if len(values) == 1 else torch.stack(values).sum()
 
 
 def _check_confidence(c: float) -> None:
@@ -193,17 +195,6 @@ def z_scores(u: Tensor, mean: Tensor, m2: Tensor, n: int, sign: int = 1) -> Tens
     return torch.where(s_mu == 0, torch.zeros_like(z), z)
 
 
-def _keep_one(u_sign: Tensor, con: Constraint) -> Tensor:
-    """0/1 float mask of one constraint, in the division-free form."""
-    lhs = u_sign * con.mean * con.mean.abs()
-    if con.sign < 0:
-        lhs = lhs.neg_()
-    coeff = con.coeff
-    if con.q >= 0:
-        return (lhs > con.m2 * coeff) if coeff else (lhs > 0)
-    return lhs >= con.m2 * (-coeff)
-
-
 Term = tuple[Tensor, Tensor, int, float]  # (μ, M2, sign, coeff) of one constraint
 
 
@@ -248,25 +239,35 @@ def _terms(cons: Sequence[Constraint]) -> list[Term]:
     return [(c.mean, c.m2, c.sign, c.coeff) for c in cons]
 
 
-def _fast_keep(u: Tensor, cons: Sequence[Constraint]) -> Tensor:
-    """0/1 mask for thresholds ``q ≥ 0`` in few passes: coordinate i is kept iff
+def _keep(u: Tensor, terms: list[Term], overwrite_m2: bool = False) -> Tensor:
+    """0/1 mask for thresholds ``q ≥ 0`` in few passes, in the dtype of ``u``: coordinate i is kept iff
 
         max over constraints of ( −sign·u·μ ,  M2 − μ²/coeff )  <  0
 
     (alignment ``sign·u·μ > 0`` and significance ``μ² > coeff·M2``; the sign of a max is all that
-    matters, so the two scales never mix). ``u = 0`` or ``μ = 0`` gives 0, which is not < 0."""
-    return _keep(u, _terms(cons))
-
-
-def _keep(u: Tensor, terms: list[Term], overwrite_m2: bool = False) -> Tensor:
-    """:func:`_fast_keep` of constraints given as terms, in the dtype of ``u`` (``overwrite_m2``: see
-    :func:`_worst_into`)."""
+    matters, so the two scales never mix). ``u = 0`` or ``μ = 0`` gives 0, which is not < 0.
+    ``overwrite_m2``: see :func:`_worst_into`."""
     worst = _worst_into(u, terms, None, None, overwrite_m2)
     if worst is None:
         return (u != 0).to(u.dtype)
     # 1.0 where worst < 0, else 0.0, in place: large CPU allocations cost more than passes here
     m = torch.lt(worst, 0, out=worst)
     return m if m.dtype == u.dtype else m.to(u.dtype)
+
+
+def _keep_mixed(u: Tensor, strict: list[Term], lenient: list[Term]) -> Tensor:
+    """0/1 mask of constraints of either sign of ``q``, in the dtype of ``u``: the ``strict`` ones
+    (``q ≥ 0``) as :func:`_keep`; a ``lenient`` one (``q < 0``) drops coordinate i only where the step
+    confidently opposes it, ``sign·u·μ < 0`` and ``μ² > coeff·M2``, i.e. where
+    ``max(sign·u·μ, M2 − μ²/coeff) < 0``. Coordinates with ``u = 0`` are never kept."""
+    m = _keep(u, strict) if strict else (u != 0).to(u.dtype)
+    for mean, m2, sign, coeff in lenient:
+        side = torch.mul(u, mean)
+        if sign < 0:
+            side.neg_()
+        torch.maximum(side, torch.addcmul(m2, mean, mean, value=-1.0 / coeff), out=side)
+        m.mul_(side.ge_(0))  # in place: 1.0 where kept, in u's dtype
+    return m
 
 
 _CPU_CHUNK = 1 << 18  # elements: five float32 chunks stay within a core's L2 cache
@@ -315,7 +316,7 @@ def _masked_add_terms(param: Tensor, u: Tensor, terms: list[Term], alpha: float)
 
 
 def _fast_keep_many(us: list[Tensor], cons_lists: list[list[Constraint]]) -> list[Tensor]:
-    """:func:`_fast_keep` over lists with ``torch._foreach_*`` kernels."""
+    """:func:`_keep` over lists with ``torch._foreach_*`` kernels."""
     worst: list[Tensor] | None = None
     for cons in cons_lists:
         means = [c.mean for c in cons]
@@ -352,14 +353,7 @@ def feasibility_mask(
     if soft:
         return soft_mask(u, forget, retain)
     cons = [c for c in (forget, retain) if c is not None]
-    if all(c.q >= 0 for c in cons):
-        return _fast_keep(u, cons)
-    s = torch.sign(u)
-    keep = s != 0
-    for con in (forget, retain):
-        if con is not None:
-            keep &= _keep_one(s, con)
-    return keep.to(u.dtype)
+    return _keep_mixed(u, _terms([c for c in cons if c.q >= 0]), _terms([c for c in cons if c.q < 0]))
 
 
 def soft_mask(u: Tensor, forget: Constraint | None = None, retain: Constraint | None = None) -> Tensor:

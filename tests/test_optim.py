@@ -489,8 +489,10 @@ def test_masked_default_direction_matches_loop_reference(c):
     assert mismatched <= 2, mismatched  # float32 vs float64 statistics at the threshold
 
 
-def test_square_sums_path_equals_m2_path():
-    """An engine without ``_pair_sq`` (M2 statistics) gives the same steps as the hook engine's Σg²."""
+@pytest.mark.parametrize("options", [dict(confidence=0.9), dict(), dict(confidence=0.9, retain_confidence=0.2)])
+def test_square_sums_path_equals_m2_path(options):
+    """An engine without ``_pair_sq`` (M2 statistics) gives the same steps as the hook engine's Σg²,
+    for thresholds q > 0 and q < 0 (the default retain test)."""
 
     class M2Only:
         def __init__(self):
@@ -503,8 +505,9 @@ def test_square_sums_path_equals_m2_path():
             return self.inner.pair(*args)
 
     models = [_mlp(5), _mlp(5)]
-    opts = [ProbablyAlignedSGD(m.parameters(), lr=0.2, momentum=0.9, model=m, confidence=0.9, engine=e)
+    opts = [ProbablyAlignedSGD(m.parameters(), lr=0.2, momentum=0.9, model=m, engine=e, **options)
             for m, e in zip(models, (None, M2Only()))]
+    assert opts[0]._hard_tests_only()  # the hook engine hands Σg²
     for step in range(4):
         fb, rb = _batches(60 + step)
         for o in opts:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..mask import RESCALE_MODES, RESCALE_SCOPES, Constraint, Term, _coeff, _keep, _masked_add_terms, \
+from ..mask import RESCALE_MODES, RESCALE_SCOPES, Constraint, Term, _coeff, _keep, _keep_mixed, _masked_add_terms, \
     feasibility_mask, feasibility_masks, quantile, step_scale
 from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
@@ -176,26 +176,19 @@ class _GroupMask:
             self.pending.append((i, param, u.clone(), lr))
             return
         if self.rescale is not None:  # per-tensor length: the whole mask is needed before the update
-            if self._fused:
-                m = _keep(u, [side.terms[i] for side in (self.forget, self.retain) if side], self.m2_scratch)
-            else:
-                m = self.single(i, u)
+            m = self.single(i, u, last=True)
             self.kept.append(m.sum(dtype=torch.float64))
             how, _, cap = self.rescale
             param.addcmul_(u, m.mul_(step_scale([m], [u], how, cap)), value=-lr)
             return
-        if not self._fused:
-            m = self.single(i, u)
-            param.addcmul_(u, m, value=-lr)
-            self.kept.append(m if u.numel() <= _LAZY_MAX else m.sum())
-            return
-        terms = [side.terms[i] for side in (self.forget, self.retain) if side]
-        if u.numel() > _LAZY_MAX:  # cache-sized chunks on CPU
+        if self._fused and u.numel() > _LAZY_MAX:  # cache-sized chunks on CPU
+            terms = [side.terms[i] for side in (self.forget, self.retain) if side]
             self.kept.append(_masked_add_terms(param, u, terms, -lr))
             return
-        m = _keep(u, terms, self.m2_scratch)
+        m = self.single(i, u, last=True)
         param.addcmul_(u, m, value=-lr)
-        self.kept.append(m)  # small masks are kept and counted only if the diagnostics are read
+        # small masks are kept and counted only if the diagnostics are read
+        self.kept.append(m if u.numel() <= _LAZY_MAX else m.sum())
 
     def apply_many(self, idx: Sequence[int], params: list[Tensor], us: list[Tensor], lr: float) -> None:
         if self.defer:
@@ -211,7 +204,14 @@ class _GroupMask:
             self.kept.extend(torch._foreach_norm(masks, 1))
         torch._foreach_addcmul_(params, us, masks, value=-lr)
 
-    def single(self, i: int, u: Tensor) -> Tensor:
+    def single(self, i: int, u: Tensor, last: bool = False) -> Tensor:
+        """Parameter ``i``'s mask for ``u``; ``last``: no later call reads these statistics, so the
+        step's own ``Σg²`` tensors may hold the temporaries."""
+        if not self.soft:  # the terms as they are (no Constraint objects): the step's hot path
+            sides = [side for side in (self.forget, self.retain) if side]
+            if self._fused:
+                return _keep(u, [side.terms[i] for side in sides], self.m2_scratch and last)
+            return _keep_mixed(u, [s.terms[i] for s in sides if s.q >= 0], [s.terms[i] for s in sides if s.q < 0])
         return feasibility_mask(
             u,
             self.forget[i] if self.forget else None,
@@ -645,7 +645,7 @@ class ProbablyAlignedOptimizer(Optimizer):
     ) -> tuple[GradStats, GradStats, bool]:
         """Statistics of both batches in one pass, and whether their ``m2`` lists hold ``Σg²``: an engine
         that offers it (``_pair_sq``) saves two passes over the statistics, and every test here is a
-        hard one with ``q ≥ 0``, which reads ``Σg²`` exactly with an adjusted threshold (_group_mask).
+        hard one (either sign of ``q``), which reads ``Σg²`` exactly with an adjusted threshold (_group_mask).
         ``parsed_*``: the batches as ``validate_batch`` returned them."""
         pair_sq = getattr(self.engine, "_pair_sq", None)
         model = unwrap_model(self.model)
@@ -660,10 +660,7 @@ class ProbablyAlignedOptimizer(Optimizer):
     def _hard_tests_only(self) -> bool:
         if self.certify is not None:  # its threshold shifts are defined on M2
             return False
-        for g in self.param_groups:
-            if g["soft"] or any((c := self._effective(g, side)) is not None and c < 0.5 for side in ("forget", "retain")):
-                return False
-        return True
+        return not any(g["soft"] for g in self.param_groups)
 
     def _engine_context(self, params: list[Tensor]) -> contextlib.AbstractContextManager:
         # the engines need the bare module (unwrap_model): DDP's forward syncs buffers, hooks on an
@@ -715,8 +712,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         test_r: bool,
         sq: bool = False,
     ) -> _GroupMask | None:
-        """The group's tests; ``sq``: the statistics hold ``Σg²`` in place of M2 (hard tests, q ≥ 0).
-        With M2 = Σg² − nμ², the test μ² > q²·M2/(n(n−1)) is μ² > q'²·Σg²/(n(n−1)) for
+        """The group's tests; ``sq``: the statistics hold ``Σg²`` in place of M2 (hard tests). With
+        M2 = Σg² − nμ², the comparison μ² > q²·M2/(n(n−1)) — of the test itself for q > 0, of its
+        "confidently misaligned" drop rule for q < 0 — is μ² > q'²·Σg²/(n(n−1)) for
         q'² = q² / (1 + q²/(n−1)): the same mask, from the same operations."""
         sides: list[_Side | None] = []
         idx = [index[id(p)] for p in params]
@@ -726,7 +724,7 @@ class ProbablyAlignedOptimizer(Optimizer):
                 sides.append(None)
                 continue
             q = quantile(c, stats.n, group["quantile"])
-            if sq and q > 0:
+            if sq and q != 0:  # the same q' for either sign: both rules compare μ² with coeff·M2
                 q /= math.sqrt(1.0 + q * q / (stats.n - 1))
             sides.append(_Side([stats.mean[i] for i in idx], [stats.m2[i] for i in idx], stats.n, q, sign))
         if sides[0] is None and sides[1] is None:

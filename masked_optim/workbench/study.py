@@ -44,7 +44,7 @@ DEFAULT_FORGET: dict[str, str] = {"digits": "class:3", "mnist1d": "random:0.1"}
 MAIN_JOB_LRS: dict[str, dict[str, tuple[float, ...]]] = {
     "digits": {"RL": (0.003, 0.1), "NegGrad+": (0.01,), "GA": (0.01,), "FT": (0.1, 0.3), "SalUn": (0.003, 0.3),
                "l1-sparse": (0.03, 0.1), "SCRUB": (0.003, 0.01)},
-    "mnist1d": {"RL": (0.01, 0.03), "NegGrad+": (0.1,), "GA": (0.01, 0.03), "FT": (0.1, 0.3), "SalUn": (0.01, 0.1),
+    "mnist1d": {"RL": (0.01, 0.1), "NegGrad+": (0.1,), "GA": (0.01, 0.03), "FT": (0.1, 0.3), "SalUn": (0.01, 0.1),
                 "l1-sparse": (0.03, 0.1), "SCRUB": (0.01, 0.03)},
 }
 

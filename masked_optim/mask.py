@@ -52,16 +52,17 @@ def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max
     ``how="count"``: ``s = 1 / max(mean(m), 1/max_scale)``, the mean over every coordinate of the
     tensors (the normalisation of cautious optimizers); ``how="norm"``:
     ``s = min(‖u‖ / ‖m ⊙ u‖, max_scale)``, so the masked step is as long as the unmasked one.
-    ``s = 1`` when nothing is kept (the step is zero anyway). ``1 ≤ s ≤ max_scale`` always: a
-    handful of kept coordinates cannot receive an unbounded step.
+    When nothing is kept the step is zero whatever ``s`` is (``"norm"`` gives 1, ``"count"``
+    ``max_scale``). ``1 ≤ s ≤ max_scale`` always: a handful of kept coordinates cannot receive an
+    unbounded step. ``s`` lives on the first tensor's device.
 
     The sign of every first-order change ``⟨s·m⊙u, g⟩`` is that of ``⟨m⊙u, g⟩`` (``s > 0``); only
     the step's length, and so its second-order effects, change.
     """
     if how not in ("count", "norm"):
         raise ValueError(f"rescale must be None, 'count' or 'norm', got {how!r}")
-    if not max_scale >= 1.0:
-        raise ValueError(f"max_scale must be >= 1, got {max_scale!r}")
+    if not 1.0 <= max_scale < math.inf:
+        raise ValueError(f"max_scale must be a finite number >= 1, got {max_scale!r}")
     if not masks:
         raise ValueError("step_scale needs at least one tensor")
     acc = torch.float64 if any(m.dtype == torch.float64 for m in masks) else torch.float32
@@ -76,7 +77,10 @@ def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max
 
 
 def _sum(values: list[Tensor]) -> Tensor:
-    return values[0] if len(values) == 1 else torch.stack(values).sum()
+    if len(values) == 1:
+        return values[0]
+    dev = values[0].device  # a group's or the global factor may pool tensors of several devices
+    return torch.stack([v if v.device == dev else v.to(dev) for v in values]).sum()
 
 
 def _check_confidence(c: float) -> None:

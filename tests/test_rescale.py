@@ -97,8 +97,9 @@ def test_cap_binds_and_scale_is_one_without_kept_coordinates():
     zero = torch.zeros(1000)
     assert float(step_scale([zero], [u], "norm", 100.0)) == 1.0
     assert float(step_scale([torch.ones(10)], [torch.randn(10)], "norm", 100.0)) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="max_scale"):
-        step_scale([m], [u], "count", 0.5)
+    for bad in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_scale"):
+            step_scale([m], [u], "count", bad)
     with pytest.raises(ValueError, match="rescale"):
         step_scale([m], [u], "length", 10.0)
 
@@ -192,21 +193,31 @@ def test_soft_mask_rescaled(how):
 
 
 def test_certify_tests_the_rescaled_step():
-    """With certify, the step that is tested is the one applied: an accepted step equals the same
-    optimizer's step without certify (the factors included)."""
-    torch.manual_seed(0)
-    a = _mlp(3)
-    b = copy.deepcopy(a)
-    kw = dict(lr=0.05, confidence=0.6, rescale="count", rescale_scope="global", max_scale=20.0)
-    oa = ProbablyAlignedSGD(a.parameters(), model=a, certify=0.5 + 1e-9, **kw)
-    ob = ProbablyAlignedSGD(b.parameters(), model=b, **kw)
+    """With certify, the directions whose derivatives are tested are the rescaled per-tensor steps
+    s_t·m_t⊙u_t (a per-tensor factor changes the whole step's direction, so it must be in them), and
+    an accepted step applies exactly those."""
+    model = _mlp(3)
+    gen = torch.Generator().manual_seed(7)
+    frozen = [torch.rand(p.shape, generator=gen) >= s for p, s in zip(model.parameters(), (0.05, 0.3, 0.6, 0.9))]
+    opt = ProbablyAlignedSGD(model.parameters(), lr=0.05, model=model, engine=FixedEngine(frozen), confidence=0.3,
+                             rescale="norm", max_scale=20.0, certify=0.5 + 1e-9)
+    seen = []
+    real = opt._directional
+    opt._directional = lambda params, tangents, batch: (seen.append([t.clone() for t in tangents]),
+                                                         real(params, tangents, batch))[1]
     fb, rb = _batches(4, n_f=32, n_r=32)
-    oa.step(forget=fb, retain=rb, check_retain=rb)
-    ob.step(forget=fb, retain=rb)
-    if oa.diagnostics.certificate.action != "accepted":
-        pytest.skip("the certificate did not accept this step")
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-7, rtol=0)
+    grads = [torch.randn(p.shape, generator=gen) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    old = [p.detach().clone() for p in model.parameters()]
+    opt.step(forget=fb, retain=rb, check_retain=rb)
+    ms = [(~f).float() for f in frozen]
+    expected = [_hand_scale([m], [g], "norm", 20.0) * m * g for m, g in zip(ms, grads)]
+    for t, e in zip(seen[0], expected):  # the first evaluation: the untightened mask
+        torch.testing.assert_close(t.double(), e.double(), atol=1e-6, rtol=1e-5)
+    if opt.diagnostics.certificate.action == "accepted":
+        for p, o, e in zip(model.parameters(), old, expected):
+            torch.testing.assert_close(p.double(), o.double() - 0.05 * e.double(), atol=1e-6, rtol=1e-5)
 
 
 def test_rescale_options_validated_and_restored_from_state_dict():
@@ -215,9 +226,34 @@ def test_rescale_options_validated_and_restored_from_state_dict():
                 dict(max_scale=float("inf"))):
         with pytest.raises(ValueError):
             ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, **bad)
-    # a torch.optim.SGD state dict has none of the mask keys: the next step must not fail
+    # a torch.optim.SGD state dict has none of the mask keys: this optimizer's own settings, and the
+    # next step runs (it raised KeyError: 'confidence')
     plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ours = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, model=model, rescale="norm")
+    ours = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, model=model, rescale="count")
     ours.load_state_dict(plain.state_dict())
     g = ours.param_groups[0]
-    assert (g["rescale"], g["rescale_scope"], g["max_scale"]) == ("norm", "tensor", 100.0)
+    assert (g["rescale"], g["rescale_scope"], g["max_scale"]) == ("count", "tensor", 100.0)
+    assert (ours._effective(g, "forget"), ours._effective(g, "retain")) == (0.95, 0.05)
+    fb, rb = _batches(1)
+    ours.step(forget=fb, retain=rb)
+    assert ours.diagnostics.direction == "stats" and 0 < ours.diagnostics.kept_fraction < 1
+    # a state saved before the step-length option existed keeps the unscaled step it was taking
+    old = ours.state_dict()
+    for group in old["param_groups"]:
+        for key in ("rescale", "rescale_scope", "max_scale"):
+            del group[key]
+    again = ProbablyAlignedSGD(model.parameters(), lr=0.1, momentum=0.9, model=model)
+    again.load_state_dict(old)
+    assert again.param_groups[0]["rescale"] is None
+
+
+def test_default_marker_survives_copies_and_pickles():
+    import pickle
+
+    from masked_optim.optim import DEFAULT
+
+    assert copy.deepcopy(DEFAULT) is DEFAULT and pickle.loads(pickle.dumps(DEFAULT)) is DEFAULT
+    model = _mlp()
+    kwargs = copy.deepcopy({"confidence": DEFAULT, "retain_confidence": DEFAULT})
+    g = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, **kwargs).param_groups[0]
+    assert (g["confidence"], g["retain_confidence"]) == (0.95, 0.05)

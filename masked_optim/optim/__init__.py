@@ -1,10 +1,11 @@
 """The probably-aligned optimizers."""
 
-from ._base import Certificate, ProbablyAlignedOptimizer, StepDiagnostics
+from ._base import DEFAULT, Certificate, ProbablyAlignedOptimizer, StepDiagnostics
 from .adam import ProbablyAlignedAdam, ProbablyAlignedAdamW
 from .sgd import ProbablyAlignedSGD
 
 __all__ = [
+    "DEFAULT",
     "Certificate",
     "ProbablyAlignedAdam",
     "ProbablyAlignedAdamW",

@@ -24,10 +24,20 @@ __all__ = ["DEFAULT", "Certificate", "StepDiagnostics", "ProbablyAlignedOptimize
 
 
 class _Default:
-    """Marks a mask keyword the caller did not give (see :data:`DEFAULT`)."""
+    """Marks a mask keyword the caller did not give (see :data:`DEFAULT`); one instance, also
+    through copies and pickles."""
 
     def __repr__(self) -> str:
         return "DEFAULT"
+
+    def __reduce__(self) -> str:
+        return "DEFAULT"  # pickled by reference to the module attribute
+
+    def __copy__(self) -> _Default:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> _Default:
+        return self
 
 
 #: Default of ``confidence`` and ``retain_confidence``: with neither given, the forget test runs at
@@ -36,6 +46,8 @@ class _Default:
 DEFAULT: Any = _Default()
 FORGET_CONFIDENCE = 0.95
 RETAIN_CONFIDENCE = 0.05  # q < 0: drop only coordinates whose step probably raises the retain loss
+_MASK_KEYS = ("confidence", "forget_confidence", "retain_confidence", "quantile", "soft", "rescale", "rescale_scope",
+              "max_scale")
 
 @dataclasses.dataclass(frozen=True)
 class StepDiagnostics:
@@ -259,7 +271,7 @@ def _apply_pending(pending: Pending, ms: Sequence[Tensor]) -> None:
     """``θ ← θ − lr·s·m⊙u`` for every deferred update, recording the kept counts (before ``s``)."""
     for (gm, (_, p, u, lr)), m, s in zip(pending, ms, _scales(pending, ms)):
         gm.kept.append(m.sum(dtype=torch.float64))
-        p.addcmul_(u, m if s is None else m * s, value=-lr)
+        p.addcmul_(u, m if s is None else m * s.to(m.device), value=-lr)
 
 
 def _total(counts: list[Tensor]) -> Tensor:
@@ -379,13 +391,18 @@ class ProbablyAlignedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
+            if "confidence" not in group:  # saved by torch.optim: this optimizer's own mask settings
+                for key in _MASK_KEYS:
+                    group.setdefault(key, self.defaults[key])
+                continue
             group.setdefault("forget_confidence", None)
             group.setdefault("retain_confidence", None)
             group.setdefault("quantile", "normal")
             group.setdefault("soft", False)
-            # state saved before the step-length option existed, or by torch.optim: this optimizer's own
-            for key in ("rescale", "rescale_scope", "max_scale"):
-                group.setdefault(key, self.defaults.get(key))
+            # saved before the step-length option existed: keep the unscaled step it was taking
+            group.setdefault("rescale", None)
+            group.setdefault("rescale_scope", "tensor")
+            group.setdefault("max_scale", 100.0)
 
     @staticmethod
     def _effective(group: dict[str, Any], side: str) -> float | None:
@@ -576,7 +593,8 @@ class ProbablyAlignedOptimizer(Optimizer):
         def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor]]:
             shifted = {id(gm): gm.shifted(delta) if delta else gm for gm in masks if gm is not None}
             ms = [shifted[id(gm)].single(i, u) for gm, (i, _, u, _) in pending]
-            tangents = [m * u if s is None else m * u * s for m, (_, (_, _, u, _)), s in zip(ms, pending, _scales(pending, ms))]
+            tangents = [m * u if s is None else m * u * s.to(m.device)
+                        for m, (_, (_, _, u, _)), s in zip(ms, pending, _scales(pending, ms))]
             ok, t_r, t_f = True, None, None
             if check_retain is not None:  # ⟨m⊙u, g_r⟩ ≥ 0: the step does not raise the retain loss
                 passed, t_r = one_sided_test(self._directional(params, tangents, check_retain), self.certify, kind)

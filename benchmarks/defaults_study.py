@@ -25,10 +25,12 @@ import contextlib
 import copy
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -130,14 +132,20 @@ def _run(job: tuple[str, str, str, float, int, dict | None, int | None]) -> dict
     res = run_unlearning(model, method, st["split"], masked=options is not None, lr=lr, seed=seed,
                          mask_options=options or None)
     m = res.metrics
-    return {"dataset": dataset, "config": config, "method": method.name, "lr": lr, "seed": seed,
+    return {"dataset": dataset, "config": config, "method": method.name, "lr": lr, "seed": seed, "epochs": epochs,
             "options": options, "metrics": m.as_dict(), "gap": avg_gap(m, st["retrain"][seed]),
             "collapsed": bool(m.collapsed), "diverged": bool(res.diverged), "kept_fraction": res.kept_fraction,
             "steps": res.steps, "runtime_s": res.runtime_s}
 
 
-def _key(r: dict[str, Any]) -> tuple:
-    return (r["dataset"], r["config"], r["method"], round(r["lr"], 12), r["seed"])
+def _key(dataset: str, config: str, method: str, lr: float, seed: int, options: dict | None, epochs: int | None) -> str:
+    """What identifies a run: also its mask options and epochs, so that a record of other settings
+    (a quick run, or a configuration whose options changed) is never reused."""
+    return json.dumps([dataset, config, method, round(lr, 12), seed, options, epochs], sort_keys=True)
+
+
+def _record_key(r: dict[str, Any]) -> str:
+    return _key(r["dataset"], r["config"], r["method"], r["lr"], r["seed"], r["options"], r.get("epochs"))
 
 
 def _execute(jobs: list[tuple], log: Path, workers: int, seeds, cache_dir, train_epochs, threads: int = 1) -> list[dict]:
@@ -146,8 +154,8 @@ def _execute(jobs: list[tuple], log: Path, workers: int, seeds, cache_dir, train
         for line in log.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                done[_key(r)] = r
-    todo = [j for j in jobs if (j[0], j[1], j[2], round(j[3], 12), j[4]) not in done]
+                done[_record_key(r)] = r
+    todo = [j for j in jobs if _key(*j) not in done]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {log.name}", file=sys.stderr, flush=True)
     # the reference models are trained (or loaded) once here, so workers only ever read the cache
     for ds in sorted({j[0] for j in todo}):
@@ -157,7 +165,9 @@ def _execute(jobs: list[tuple], log: Path, workers: int, seeds, cache_dir, train
     with contextlib.ExitStack() as stack:
         fh = stack.enter_context(log.open("a"))
         if workers > 1:
-            ex = stack.enter_context(ProcessPoolExecutor(workers, initializer=_worker_init, initargs=init))
+            # spawned workers: a fork after the parent trained with several threads can hang
+            ex = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                         initializer=_worker_init, initargs=init))
             results = ex.map(_run, todo, chunksize=4)
         else:  # in this process (a forked worker can hang in a multithreaded OpenMP runtime)
             _worker_init(*init)
@@ -165,12 +175,12 @@ def _execute(jobs: list[tuple], log: Path, workers: int, seeds, cache_dir, train
         for i, r in enumerate(results):
             fh.write(json.dumps(r) + "\n")
             fh.flush()
-            done[_key(r)] = r
+            done[_record_key(r)] = r
             if (i + 1) % 50 == 0 or i + 1 == len(todo):
                 el = time.perf_counter() - start
                 print(f"  {i + 1}/{len(todo)} runs, {el:.0f} s, ~{el / (i + 1) * (len(todo) - i - 1):.0f} s left",
                       file=sys.stderr, flush=True)
-    return [done[(j[0], j[1], j[2], round(j[3], 12), j[4])] for j in jobs]
+    return [done[_key(*j)] for j in jobs]
 
 
 # ---- aggregation (pure functions of the run records) ----------------------------------------------
@@ -303,14 +313,14 @@ def rounding_table(rounding: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict[str, Any]:
+def environment(threads: int = 1) -> dict[str, Any]:
     import torch
 
     import masked_optim
 
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "masked_optim": masked_optim.__version__, "threads_per_worker": 1}
+            "masked_optim": masked_optim.__version__, "threads_per_worker": threads}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -324,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lrs", default=",".join(map(str, LRS)))
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=None, help=f"results folder (default {OUT}; --quick: a temporary folder)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="digits, 2 methods, 2 lrs, 1 seed, 1 epoch, 3 configs")
     args = ap.parse_args(argv)
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         datasets, methods, lrs, seeds, epochs, train_epochs = ("digits",), ("NegGrad+", "RL"), (0.01, 0.1), (0,), 1, 3
         configs = ("plain", "strict/none", "lenient/count")
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="defaults_study_")) if args.quick else OUT
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"environment": environment(), "datasets": {d: DATASETS[d] for d in datasets},
                               "methods": methods, "lrs": lrs, "seeds": seeds, "batch": BATCH, "configs": {}}
@@ -392,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.stage == "rounding":
         final = json.loads((out / "final.json").read_text())
         rounding = rounding_check(final, out, seeds, args.cache_dir, train_epochs, epochs)
-        (out / "rounding.json").write_text(json.dumps({"environment": result["environment"], **rounding}, indent=1))
+        (out / "rounding.json").write_text(json.dumps({"environment": environment(threads=2), **rounding}, indent=1))
         print(report(out))
         return rounding
     text = report(out)

@@ -3,7 +3,8 @@
 The workbench study trains (or loads from its cache) the original model on all training data and
 the retrained gold standard on the retain set alone, for every seed; then every method runs from the
 original weights with the plain optimizer (``confidence=None``, i.e. torch.optim SGD) and with the
-masked one (``confidence=0.95``), at every learning rate, drawing the same batches for a given seed.
+masked one (``--confidence``, default 0.95 on both tests, with the optimizer's default step length;
+the package's own defaults are studied by ``defaults_study.py``), at every learning rate, drawing the same batches for a given seed.
 Reported per (method, lr, plain/masked): mean ± std over seeds of FA, RA, TA, MIA-efficacy
 (SalUn's SVC recipe), UA and the average gap to retrain over FA/RA/TA/MIA, and the mean kept
 fraction and runtime.

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -371,25 +370,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = _execute(jobs, out / "runs.jsonl", args.workers, seeds, args.cache_dir, train_epochs)
         cs = cells(runs)
         # both at three times each method's best plain learning rate
-        extra = []
-        for ds in datasets:
-            for m in methods:
-                b = best_lr(cs, ds, "plain", m)
-                if b is not None:
-                    extra += [(ds, c, m, round(3 * b["lr"], 12), s, None if c == "plain" else {}, epochs)
-                              for c in ("plain", DEFAULT) for s in seeds]
-        runs3 = _execute(extra, out / "runs.jsonl", args.workers, seeds, args.cache_dir, train_epochs)
-        cs3 = cells(runs3)
+        triples = [(ds, m, round(3 * b["lr"], 12)) for ds in datasets for m in methods
+                   if (b := best_lr(cs, ds, "plain", m)) is not None]
+        extra = [(ds, c, m, lr3, s, None if c == "plain" else {}, epochs)
+                 for ds, m, lr3 in triples for c in ("plain", DEFAULT) for s in seeds]
+        cs3 = cells(_execute(extra, out / "runs.jsonl", args.workers, seeds, args.cache_dir, train_epochs))
         at3 = []
-        for ds in datasets:
-            for m in methods:
-                b = best_lr(cs, ds, "plain", m)
-                if b is None:
-                    continue
-                lr3 = round(3 * b["lr"], 12)
-                p, q = cs3[(ds, "plain", m, lr3)], cs3[(ds, DEFAULT, m, lr3)]
-                at3.append({"dataset": ds, "method": m, "lr": lr3, "plain_bad": p["bad"], "masked_bad": q["bad"],
-                            "plain_gap": p["gap"], "masked_gap": q["gap"], "plain_RA": p["RA"], "masked_RA": q["RA"]})
+        for ds, m, lr3 in triples:
+            p, q = cs3[(ds, "plain", m, lr3)], cs3[(ds, DEFAULT, m, lr3)]
+            at3.append({"dataset": ds, "method": m, "lr": lr3, "plain_bad": p["bad"], "masked_bad": q["bad"],
+                        "plain_gap": p["gap"], "masked_gap": q["gap"], "plain_RA": p["RA"], "masked_RA": q["RA"]})
         v = verdicts(cs, DEFAULT, datasets, methods)
         result["final"] = {"rows": v["rows"], "ok": v["ok"], "wins_mnist1d": v["wins_mnist1d"], "at_3x": at3,
                            "cells": [{"dataset": k[0], "config": k[1], "method": k[2], "lr": k[3], **c}

@@ -69,13 +69,9 @@ _STATE: dict[str, Any] = {}
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from masked_optim.workbench.study import cpu_model
+
+    return cpu_model()
 
 
 def _setup(dataset: str, seeds: tuple[int, ...], cache_dir: str | None, train_epochs: int | None) -> dict:

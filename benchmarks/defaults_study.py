@@ -62,6 +62,9 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "strict/norm": {**_STRICT, "rescale": "norm"},
     "lenient/norm": {**_LENIENT, "rescale": "norm"},
     "sign/norm": {"confidence": 0.5, "rescale": "norm"},
+    # a step whose retain-batch loss rises by more than the guard is halved (up to 4 times), then undone
+    "lenient/norm/guard0.05": {**_LENIENT, "rescale": "norm", "retain_guard": 0.05},
+    "lenient/norm/guard0.01": {**_LENIENT, "rescale": "norm", "retain_guard": 0.01},
 }
 DEFAULT = "default"  # the final stage's name for the optimizer constructed with no mask option
 

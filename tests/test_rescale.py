@@ -257,3 +257,43 @@ def test_default_marker_survives_copies_and_pickles():
     kwargs = copy.deepcopy({"confidence": DEFAULT, "retain_confidence": DEFAULT})
     g = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, **kwargs).param_groups[0]
     assert (g["confidence"], g["retain_confidence"]) == (0.95, 0.05)
+
+
+def test_retain_guard_backs_off_the_step_until_the_retain_loss_is_within_the_guard():
+    """retain_guard: the applied step is f·Δ, Δ the unguarded step, f the largest of 1, 1/2, …, 1/16
+    whose retain-batch loss stays within the guard (0: undone), computed here by evaluating each
+    candidate on a copy of the model; the optimizer state is the unguarded one."""
+    fb, rb = _batches(9, n_f=32, n_r=32)
+    seen = set()
+    for lr, guard in ((5.0, 0.05), (0.5, 0.05), (50.0, 0.0)):
+        model = _mlp(4)
+        free = copy.deepcopy(model)  # the same step without the guard gives Δ
+        kw = dict(lr=lr, momentum=0.9, confidence=0.6)
+        opt = ProbablyAlignedSGD(model.parameters(), model=model, retain_guard=guard, **kw)
+        ref = ProbablyAlignedSGD(free.parameters(), model=free, **kw)
+        before = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():
+            loss0 = torch.nn.functional.cross_entropy(model(rb[0]), rb[1]).item()
+        opt.step(forget=fb, retain=rb)
+        ref.step(forget=fb, retain=rb)
+        deltas = [q.detach() - b for q, b in zip(free.parameters(), before)]
+        expected = 0.0
+        for f in (1.0, 0.5, 0.25, 0.125, 0.0625):
+            probe = copy.deepcopy(free)
+            with torch.no_grad():
+                for p, b, d in zip(probe.parameters(), before, deltas):
+                    p.copy_(b + f * d)
+                if torch.nn.functional.cross_entropy(probe(rb[0]), rb[1]).item() <= loss0 + guard:
+                    expected = f
+                    break
+        assert opt.diagnostics.step_fraction == expected, (lr, guard)
+        seen.add(expected)
+        for p, b, d in zip(model.parameters(), before, deltas):
+            torch.testing.assert_close(p.detach(), b + expected * d, atol=1e-6, rtol=1e-5)
+        for p, q in zip(model.parameters(), free.parameters()):
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+    assert 1.0 in seen and len(seen) >= 2, seen  # a full step and a backed-off one were both exercised
+    model = _mlp()
+    for bad in (-1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="retain_guard"):
+            ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, retain_guard=bad)

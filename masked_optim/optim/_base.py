@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -18,7 +19,7 @@ from ..mask import RESCALE_MODES, RESCALE_SCOPES, Constraint, Term, _coeff, _kee
     feasibility_mask, feasibility_masks, quantile, step_scale
 from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
-from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, unwrap_model, validate_batch
+from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, eval_behaviour, unwrap_model, validate_batch
 
 __all__ = ["DEFAULT", "Certificate", "StepDiagnostics", "ProbablyAlignedOptimizer"]
 
@@ -68,6 +69,8 @@ class StepDiagnostics:
     forget_loss: float | None
     retain_loss: float | None
     certificate: Certificate | None = None
+    #: the share of the masked step that was applied: 1, or less when ``retain_guard`` backed it off
+    step_fraction: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +104,7 @@ class _RawDiagnostics:
     forget_loss: Tensor | None
     retain_loss: Tensor | None
     certificate: Certificate | None = None
+    step_fraction: float = 1.0
 
     def materialise(self) -> StepDiagnostics:
         per_group = []
@@ -125,10 +129,12 @@ class _RawDiagnostics:
             forget_loss=None if self.forget_loss is None else float(self.forget_loss),
             retain_loss=None if self.retain_loss is None else float(self.retain_loss),
             certificate=self.certificate,
+            step_fraction=self.step_fraction,
         )
 
 
 _LAZY_MAX = 1 << 16  # elements: masks up to this size are counted when diagnostics are read
+_GUARD_HALVINGS = 4  # retain_guard: 1, 1/2, …, 1/16 of the step, then none
 
 
 class _Side:
@@ -316,6 +322,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         certify: float | None = None,
         certify_policy: str = "tighten",
         certify_tries: int = 8,
+        retain_guard: float | None = None,
         rescale: str | None = "norm",
         rescale_scope: str = "tensor",
         max_scale: float = 100.0,
@@ -350,6 +357,13 @@ class ProbablyAlignedOptimizer(Optimizer):
         if not isinstance(certify_tries, int) or certify_tries < 1:
             raise ValueError(f"certify_tries must be a positive int, got {certify_tries!r}")
         self.certify, self.certify_policy, self.certify_tries = certify, certify_policy, certify_tries
+        if retain_guard is not None:
+            if isinstance(retain_guard, bool) or not isinstance(retain_guard, (int, float)) or not (
+                    0.0 <= retain_guard < math.inf):
+                raise ValueError(f"retain_guard must be None or a finite number >= 0, got {retain_guard!r}")
+            if certify is not None:
+                raise ValueError("retain_guard and certify cannot be combined")
+        self.retain_guard = retain_guard
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)
         self._model_param_ids = {id(p) for p in model.parameters()}
@@ -532,7 +546,9 @@ class ProbablyAlignedOptimizer(Optimizer):
             )
             return loss
 
+        step_fraction = 1.0
         certify = self.certify is not None and (test_f or test_r)
+        guard = self.retain_guard is not None and retain is not None and stats_r is not None
         work = []
         for group in self.param_groups:
             params, grads = [], []
@@ -542,14 +558,14 @@ class ProbablyAlignedOptimizer(Optimizer):
                     params.append(p)
                     grads.append(g)
             mask = self._group_mask(group, params, index, stats_f, stats_r, test_f, test_r, sq)
-            if certify and mask is None and params:
+            if (certify or guard) and mask is None and params:
                 # an unmasked group is still part of the step the test certifies (and may skip)
                 mask = _GroupMask(None, None, False)
             work.append((group, params, grads, mask))
         snapshot = self._snapshot_state(work) if certify and self.certify_policy == "skip" else None
         for group, params, grads, mask in work:
             if mask is not None:
-                mask.defer = certify or mask.needs_all
+                mask.defer = certify or guard or mask.needs_all
             self._update_group(group, params, grads, mask, grads_owned=direction == "stats")
         report = None
         if certify and test_r and check_retain is None and not self._warned_same_batch:
@@ -569,14 +585,19 @@ class ProbablyAlignedOptimizer(Optimizer):
                 self._restore_state(snapshot)
         else:
             pending = _pending([w[3] for w in work])
-            if pending:  # lengths set over groups: every mask is known now
-                _apply_pending(pending, [gm.single(i, u) for gm, (i, _, u, _) in pending])
+            if pending:  # lengths set over groups, or a guarded step: every mask is known now
+                ms = [gm.single(i, u) for gm, (i, _, u, _) in pending]
+                if guard:
+                    step_fraction = self._guarded_apply(pending, ms, retain, stats_r.loss)
+                else:
+                    _apply_pending(pending, ms)
         kept = [None if m is None else m.kept for _, _, _, m in work]
         total = [sum(p.numel() for p in params) for _, params, _, _ in work]
         skipped = report is not None and report.action == "skipped"
         self._raw_diag = _RawDiagnostics(
             skipped, "whole-update test failed" if skipped else None, direction, kept, total, n_f, n_r,
             None if stats_f is None else stats_f.loss, None if stats_r is None else stats_r.loss, report,
+            step_fraction,
         )
         return loss
 
@@ -629,6 +650,36 @@ class ProbablyAlignedOptimizer(Optimizer):
                 _, t_r, t_f, ms = best
         _apply_pending(pending, ms)
         return Certificate(action, tries, delta, t_r, t_f, self.certify)
+
+    def _guarded_apply(self, pending: Pending, ms: Sequence[Tensor], retain: Batch, before: Tensor) -> float:
+        """Apply the masked step, then back it off while the retain batch's mean loss after it exceeds
+        ``before + retain_guard``: halved up to ``_GUARD_HALVINGS`` times, then undone. Returns the
+        share of the step that stays. The optimizer state is the base optimizer's either way."""
+        deltas = []
+        for (gm, (_, p, u, lr)), m, s in zip(pending, ms, _scales(pending, ms)):
+            gm.kept.append(m.sum(dtype=torch.float64))
+            d = u * (m if s is None else m * s.to(m.device))
+            p.add_(d, alpha=-lr)
+            deltas.append((p, d, lr))
+        limit = float(before) + float(self.retain_guard)
+        fraction = 1.0
+        for k in range(_GUARD_HALVINGS + 1):
+            if float(self._batch_loss(retain)) <= limit:
+                return fraction
+            new = 0.5 * fraction if k < _GUARD_HALVINGS else 0.0
+            for p, d, lr in deltas:
+                p.add_(d, alpha=lr * (fraction - new))
+            fraction = new
+        return fraction
+
+    def _batch_loss(self, batch: Batch) -> Tensor:
+        """Mean loss of ``batch`` at the current parameters, in eval behaviour as the statistics are."""
+        xs, y, _ = validate_batch(batch)
+        model = unwrap_model(self.model)
+        dev = next(model.parameters()).device
+        loss_fn = self.loss_fn if self.loss_fn is not None else F.cross_entropy
+        with torch.no_grad(), eval_behaviour(model), torch.autocast(dev.type, enabled=False):
+            return loss_fn(model(*(x.to(dev) for x in xs)), y.to(dev))
 
     def _snapshot_state(self, work: list) -> dict[int, tuple[Tensor, dict[str, Any]]]:
         snap = {}

@@ -70,7 +70,7 @@ def phase_batch_sizes(phase: Phase, batch_size: int, n_forget: int,
 #: Keywords of the optimizers' mask (per group) and whole-update test (optimizer level) that
 #: ``mask_options`` carries; :func:`make_optimizer` also accepts them as plain keywords.
 MASK_OPTIONS = ("confidence", "forget_confidence", "retain_confidence", "quantile", "soft", "rescale",
-                "rescale_scope", "max_scale", "certify", "certify_policy", "certify_tries")
+                "rescale_scope", "max_scale", "certify", "certify_policy", "certify_tries", "retain_guard")
 
 #: What makes a probably-aligned optimizer plain (no test on either side: exactly torch.optim).
 PLAIN_OPTIONS: dict[str, Any] = {"confidence": None, "forget_confidence": None, "retain_confidence": None}

@@ -42,8 +42,9 @@ LRS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 SEEDS = (0, 1, 2)
 BATCH = {"digits": 64, "mnist1d": 128}
 
-_STRICT = {"confidence": 0.95}
-_LENIENT = {"confidence": 0.95, "retain_confidence": 0.05}  # retain side: "not probably harmful"
+# the configurations without a guard ran before retain_guard existed: they say so explicitly
+_STRICT = {"confidence": 0.95, "retain_guard": None}
+_LENIENT = {"confidence": 0.95, "retain_confidence": 0.05, "retain_guard": None}  # retain side: "not probably harmful"
 #: name -> mask options (None: the plain optimizer). Step length: none / count or norm per tensor /
 #: count over all tensors; tests: strict (both c = 0.95), lenient retain test, a laxer forget test,
 #: plain sign agreement (c = 0.5), soft weights, Student-t.
@@ -53,15 +54,15 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "lenient/none": {**_LENIENT, "rescale": None},
     "strict/count": {**_STRICT, "rescale": "count"},
     "lenient/count": {**_LENIENT, "rescale": "count"},
-    "lenient-f0.8/count": {"confidence": 0.8, "retain_confidence": 0.05, "rescale": "count"},
-    "sign/count": {"confidence": 0.5, "rescale": "count"},
+    "lenient-f0.8/count": {"confidence": 0.8, "retain_confidence": 0.05, "rescale": "count", "retain_guard": None},
+    "sign/count": {"confidence": 0.5, "rescale": "count", "retain_guard": None},
     "soft/count": {**_STRICT, "soft": True, "rescale": "count"},
     "t/count": {**_STRICT, "quantile": "t", "rescale": "count"},
     "lenient/count-cap10": {**_LENIENT, "rescale": "count", "max_scale": 10.0},
     "lenient/count-global": {**_LENIENT, "rescale": "count", "rescale_scope": "global"},
     "strict/norm": {**_STRICT, "rescale": "norm"},
     "lenient/norm": {**_LENIENT, "rescale": "norm"},
-    "sign/norm": {"confidence": 0.5, "rescale": "norm"},
+    "sign/norm": {"confidence": 0.5, "rescale": "norm", "retain_guard": None},
     # a step whose retain-batch loss rises by more than the guard is halved (up to 4 times), then undone
     "lenient/norm/guard0.05": {**_LENIENT, "rescale": "norm", "retain_guard": 0.05},
     "lenient/norm/guard0.01": {**_LENIENT, "rescale": "norm", "retain_guard": 0.01},
@@ -139,6 +140,8 @@ def _run(job: tuple[str, str, str, float, int, dict | None, int | None]) -> dict
 def _key(dataset: str, config: str, method: str, lr: float, seed: int, options: dict | None, epochs: int | None) -> str:
     """What identifies a run: also its mask options and epochs, so that a record of other settings
     (a quick run, or a configuration whose options changed) is never reused."""
+    if options is not None and options.get("retain_guard", 0) is None:  # recorded before the key existed
+        options = {k: v for k, v in options.items() if k != "retain_guard"}
     return json.dumps([dataset, config, method, round(lr, 12), seed, options, epochs], sort_keys=True)
 
 
@@ -417,7 +420,7 @@ def report(out: Path) -> str:
         pick = sc["screen"]["choice"]
         cs = {(c["dataset"], c["config"], c["method"], c["lr"]): c for c in sc["screen"]["cells"]}
         md.append(f"## Screen: configurations ranked\n\nSeeds {sc['seeds']}, learning rates {sc['lrs']} for every "
-                  f"method; wall time {sc['screen']['wall_time_s']:.0f} s. A pass: the configuration's best-lr gap ≤ "
+                  f"method (runs resume from `runs.jsonl`; the last invocation took {sc['screen']['wall_time_s']:.0f} s). A pass: the configuration's best-lr gap ≤ "
                   "plain's best-lr gap + plain's seed std.\n\n| config | options | passes (of "
                   f"{len(datasets) * len(methods)}) | strict wins on MNIST-1D | mean best-lr gap |\n|---|---|---|---|---|")
         md += [f"| {r['config']} | `{sc['screen']['configs'][r['config']]}` | {r['ok']} | {r['wins_mnist1d']} | "

@@ -94,9 +94,11 @@ def test_package_default_is_the_screen_choice():
     screen = json.loads((BENCH / "results" / "defaults_study" / "screen.json").read_text())
     chosen = screen["screen"]["configs"][screen["screen"]["choice"]["default"]]
     model = torch.nn.Linear(3, 2)
-    explicit = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, **chosen).param_groups[0]
-    default = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model).param_groups[0]
+    explicit_opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, **chosen)
+    default_opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model)
+    explicit, default = explicit_opt.param_groups[0], default_opt.param_groups[0]
     assert {k: v for k, v in explicit.items() if k != "params"} == {k: v for k, v in default.items() if k != "params"}
+    assert explicit_opt.retain_guard == default_opt.retain_guard
 
 
 def test_main_job_learning_rates_are_the_final_stage_best():

@@ -55,7 +55,7 @@ def test_rescaled_step_equals_hand_computation(kind, how, cap, scope, foreach):
     frozen = [torch.rand(p.shape, generator=gen) >= s for p, s in zip(model.parameters(), shares)]
     params, tparams = list(model.parameters()), list(twin.parameters())
     opt = cls([{"params": params[:2]}, {"params": params[2:]}], model=model, engine=FixedEngine(frozen),
-              confidence=0.3, rescale=how, rescale_scope=scope, max_scale=cap, foreach=foreach, **cfg)
+              confidence=0.3, rescale=how, rescale_scope=scope, max_scale=cap, foreach=foreach, retain_guard=None, **cfg)
     ref = make_ref([{"params": tparams[:2]}, {"params": tparams[2:]}])
     fb, rb = _batches(0)
     ms = [(~f).float() for f in frozen]
@@ -270,7 +270,7 @@ def test_retain_guard_backs_off_the_step_until_the_retain_loss_is_within_the_gua
         free = copy.deepcopy(model)  # the same step without the guard gives Δ
         kw = dict(lr=lr, momentum=0.9, confidence=0.6)
         opt = ProbablyAlignedSGD(model.parameters(), model=model, retain_guard=guard, **kw)
-        ref = ProbablyAlignedSGD(free.parameters(), model=free, **kw)
+        ref = ProbablyAlignedSGD(free.parameters(), model=free, retain_guard=None, **kw)
         before = [p.detach().clone() for p in model.parameters()]
         with torch.no_grad():
             loss0 = torch.nn.functional.cross_entropy(model(rb[0]), rb[1]).item()

@@ -322,7 +322,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         certify: float | None = None,
         certify_policy: str = "tighten",
         certify_tries: int = 8,
-        retain_guard: float | None = None,
+        retain_guard: float | None = 0.05,
         rescale: str | None = "norm",
         rescale_scope: str = "tensor",
         max_scale: float = 100.0,
@@ -361,8 +361,6 @@ class ProbablyAlignedOptimizer(Optimizer):
             if isinstance(retain_guard, bool) or not isinstance(retain_guard, (int, float)) or not (
                     0.0 <= retain_guard < math.inf):
                 raise ValueError(f"retain_guard must be None or a finite number >= 0, got {retain_guard!r}")
-            if certify is not None:
-                raise ValueError("retain_guard and certify cannot be combined")
         self.retain_guard = retain_guard
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)
@@ -548,7 +546,10 @@ class ProbablyAlignedOptimizer(Optimizer):
 
         step_fraction = 1.0
         certify = self.certify is not None and (test_f or test_r)
-        guard = self.retain_guard is not None and retain is not None and stats_r is not None
+        # only a masked step is guarded: with no test on either side the optimizer is torch.optim
+        # (certify's whole-update test replaces the guard when both are set)
+        guard = (self.retain_guard is not None and not certify and (test_f or test_r) and retain is not None
+                 and stats_r is not None)
         work = []
         for group in self.param_groups:
             params, grads = [], []

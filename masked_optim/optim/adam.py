@@ -55,7 +55,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         certify: float | None = None,
         certify_policy: str = "tighten",
         certify_tries: int = 8,
-        retain_guard: float | None = None,
+        retain_guard: float | None = 0.05,
         rescale: str | None = "norm",
         rescale_scope: str = "tensor",
         max_scale: float = 100.0,

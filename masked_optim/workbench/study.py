@@ -42,10 +42,10 @@ DEFAULT_FORGET: dict[str, str] = {"digits": "class:3", "mnist1d": "random:0.1"}
 #: best-lr comparison reruns the study's best cells in a few minutes. A data set not listed runs
 #: :attr:`StudyConfig.lrs`.
 MAIN_JOB_LRS: dict[str, dict[str, tuple[float, ...]]] = {
-    "digits": {"RL": (0.003, 0.1), "NegGrad+": (0.01,), "GA": (0.01,), "FT": (0.1, 0.3), "SalUn": (0.003, 0.3),
-               "l1-sparse": (0.03, 0.1), "SCRUB": (0.003, 0.01)},
-    "mnist1d": {"RL": (0.01, 0.1), "NegGrad+": (0.1,), "GA": (0.01, 0.03), "FT": (0.1, 0.3), "SalUn": (0.01, 0.1),
-                "l1-sparse": (0.03, 0.1), "SCRUB": (0.01, 0.03)},
+    "digits": {"RL": (0.003, 0.1), "NegGrad+": (0.01,), "GA": (0.01, 0.1), "FT": (0.1, 0.3),
+              "SalUn": (0.003, 0.3), "l1-sparse": (0.03, 0.1), "SCRUB": (0.01,)},
+    "mnist1d": {"RL": (0.01, 0.1), "NegGrad+": (0.1,), "GA": (0.01, 0.1), "FT": (0.1, 0.3),
+               "SalUn": (0.01, 0.1), "l1-sparse": (0.03, 0.1), "SCRUB": (0.01, 0.03)},
 }
 
 
@@ -53,18 +53,20 @@ MAIN_JOB_LRS: dict[str, dict[str, tuple[float, ...]]] = {
 #: over digits (class:3) and MNIST-1D (random:0.1) in ``benchmarks/defaults_study.py``'s screen, and
 #: that configuration's best learning rate on each (SGD, momentum 0.9, weight decay 5e-4).
 #: ``masked-optim methods`` shows them; the package default is the configuration that did best over
-#: all methods (``{}``: ``confidence`` 0.95 forget / 0.05 retain, ``rescale="norm"``).
+#: all methods (``{}``: ``confidence`` 0.95 forget / 0.05 retain, ``rescale="norm"``,
+#: ``retain_guard=0.05``).
 RECOMMENDED_MASK: dict[str, dict[str, Any]] = {
-    "RL": {"options": {"confidence": 0.95, "retain_confidence": 0.05, "rescale": "count", "max_scale": 10.0},
-           "lr": {"digits": 0.001, "mnist1d": 0.03}},
-    "NegGrad+": {"options": {"confidence": 0.95, "retain_confidence": 0.05, "rescale": "count"},
-                 "lr": {"digits": 0.003, "mnist1d": 0.03}},
-    "GA": {"options": {"confidence": 0.95, "soft": True, "rescale": "count"}, "lr": {"digits": 0.003, "mnist1d": 0.03}},
-    "FT": {"options": {}, "lr": {"digits": 0.1, "mnist1d": 0.1}},
-    "SalUn": {"options": {"confidence": 0.95, "retain_confidence": 0.05, "rescale": "count", "max_scale": 10.0},
-              "lr": {"digits": 0.0003, "mnist1d": 0.03}},
-    "l1-sparse": {"options": {"confidence": 0.5, "rescale": "count"}, "lr": {"digits": 0.01, "mnist1d": 0.03}},
-    "SCRUB": {"options": {"confidence": 0.5, "rescale": "count"}, "lr": {"digits": 0.003, "mnist1d": 0.01}},
+    "RL": {"options": {"confidence": 0.95, "retain_confidence": 0.05, "retain_guard": None, "rescale": "count",
+                       "max_scale": 10.0}, "lr": {"digits": 0.001, "mnist1d": 0.03}},
+    "NegGrad+": {"options": {}, "lr": {"digits": 0.01, "mnist1d": 0.1}},
+    "GA": {"options": {}, "lr": {"digits": 0.1, "mnist1d": 0.1}},
+    "FT": {"options": {"confidence": 0.95, "retain_confidence": 0.05, "retain_guard": 0.01, "rescale": "norm"},
+           "lr": {"digits": 0.1, "mnist1d": 0.1}},
+    "SalUn": {"options": {"confidence": 0.95, "retain_confidence": 0.05, "retain_guard": None, "rescale": "count",
+                          "max_scale": 10.0}, "lr": {"digits": 0.0003, "mnist1d": 0.03}},
+    "l1-sparse": {"options": {"confidence": 0.5, "rescale": "count", "retain_guard": None},
+                  "lr": {"digits": 0.01, "mnist1d": 0.03}},
+    "SCRUB": {"options": {}, "lr": {"digits": 0.01, "mnist1d": 0.03}},
 }
 
 

@@ -402,6 +402,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def plot(out: Path) -> Path | None:
+    """``gap_vs_lr.png``: per data set and method, the gap to retrain against the learning rate for
+    plain, the default mask and two screen configurations (no guard; the previous default), collapsed
+    or diverged cells marked with x."""
+    if not ((out / "screen.json").is_file() and (out / "final.json").is_file()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = {(c["dataset"], c["config"], c["method"], c["lr"]): c
+          for name in ("screen", "final") for c in json.loads((out / f"{name}.json").read_text())[name]["cells"]}
+    datasets = sorted({k[0] for k in cs})
+    methods = [m for m in METHODS if any(k[2] == m for k in cs)]
+    lines = [("plain", "plain", "k"), (DEFAULT, "default mask", "tab:red"),
+             ("lenient/norm", "default without guard", "tab:orange"), ("strict/none", "previous default", "tab:blue")]
+    fig, axes = plt.subplots(len(datasets), len(methods), figsize=(2.6 * len(methods), 2.4 * len(datasets)),
+                             squeeze=False, sharey="row")
+    for r, ds in enumerate(datasets):
+        for c, m in enumerate(methods):
+            ax = axes[r][c]
+            for config, label, color in lines:
+                pts = sorted((k[3], v) for k, v in cs.items() if k[:3] == (ds, config, m))
+                if not pts:
+                    continue
+                ax.plot([lr for lr, _ in pts], [v["gap"] for _, v in pts], "-o", ms=3, color=color, label=label)
+                bad = [(lr, v["gap"]) for lr, v in pts if v["bad"]]
+                if bad:
+                    ax.plot(*zip(*bad), "x", ms=8, color=color)
+            ax.set_xscale("log")
+            ax.set_title(f"{ds}: {m}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel("Avg. Gap to retrain")
+            if r == len(datasets) - 1:
+                ax.set_xlabel("learning rate")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Gap to retrain vs learning rate (mean over seeds; x: a seed collapsed or diverged)", fontsize=10)
+    fig.tight_layout()
+    path = out / "gap_vs_lr.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def report(out: Path) -> str:
     """``tables.md`` from the stages' JSON files in ``out`` (those that exist); returns its text."""
     parts = {name: json.loads((out / f"{name}.json").read_text())
@@ -455,6 +500,8 @@ def report(out: Path) -> str:
         md.append("\n## How much cells move with the arithmetic's rounding\n\nThe final stage's best-lr cells rerun "
                   "with 2 torch threads in one process (another summation order, as another CPU gives):\n\n"
                   + rounding_table(parts["rounding"]))
+    if plot(out) is not None:
+        md.append("\n![gap to retrain vs learning rate](gap_vs_lr.png)")
     text = "\n".join(md) + "\n"
     (out / "tables.md").write_text(text)
     return text

@@ -36,6 +36,15 @@ def _csv(kind: type) -> object:
     return parse
 
 
+def _float_or_none(text: str) -> float | str:
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none': {text!r}") from err
+
+
 def _lrs(text: str) -> tuple[float, ...] | str:
     # "recipe" stays a string: None is the default, "not given" (the main job's learning rates)
     if text.strip().lower() == "recipe":
@@ -91,7 +100,7 @@ MASK_FLAGS = {
     "confidence": "confidence", "forget_confidence": "forget_confidence",
     "retain_confidence": "retain_confidence", "quantile": "quantile", "soft": "soft",
     "rescale": "rescale", "rescale_scope": "rescale_scope", "max_scale": "max_scale",
-    "certify": "certify", "certify_policy": "certify_policy",
+    "certify": "certify", "certify_policy": "certify_policy", "retain_guard": "retain_guard",
 }
 
 
@@ -117,6 +126,9 @@ def _add_mask_flags(u: argparse.ArgumentParser) -> None:
     g.add_argument("--rescale-scope", choices=("tensor", "group", "global"), default=None,
                    help="what one rescaling factor covers")
     g.add_argument("--max-scale", type=float, default=None, help="cap of the rescaling factor")
+    g.add_argument("--retain-guard", type=_float_or_none, default=None, metavar="NATS|none",
+                   help="back a masked step off while it raises the retain batch's loss by more than this; "
+                        "'none' turns the guard off")
     g.add_argument("--certify", type=float, default=None,
                    help="confidence of the whole-update test; each masked step is checked on an "
                         "independent retain batch, disjoint from the step's")
@@ -247,7 +259,7 @@ def mask_options_from_args(args: argparse.Namespace) -> tuple[tuple[str, object]
         value = getattr(args, dest, None)
         if value is None:
             continue
-        if dest == "rescale" and value == "none":
+        if value == "none" and dest in ("rescale", "retain_guard"):
             value = None
         options.append((key, value))
     return tuple(options)

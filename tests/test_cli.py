@@ -191,6 +191,8 @@ def test_python_dash_m_entry_point():
     (["--rescale", "norm"], (("rescale", "norm"),)),
     (["--rescale-scope", "global"], (("rescale_scope", "global"),)),
     (["--max-scale", "20"], (("max_scale", 20.0),)),
+    (["--retain-guard", "0.1"], (("retain_guard", 0.1),)),
+    (["--retain-guard", "none"], (("retain_guard", None),)),
     (["--certify", "0.9"], (("certify", 0.9),)),
     (["--certify-policy", "skip"], (("certify_policy", "skip"),)),
     (["--certify-policy", "tighten", "--soft", "--confidence", "0.6"],

@@ -7,8 +7,11 @@ chosen confidence, aligned with both the forget and the retain gradient.
 
 from .mask import Constraint, feasibility_mask, feasibility_masks, normal_quantile, quantile, soft_mask, \
     step_scale, student_t_quantile, z_scores
+from .batches import Batch, ParsedBatch, parse_batch
 from .certify import directional_derivatives, one_sided_test
 from .hooks import HookEngine
+from .losses import PerSampleLoss, causal_lm_loss, classification_loss, token_loss
+from .rules import Rule, register_rule, rule_for
 from .optim import (
     Certificate,
     ProbablyAlignedAdam,
@@ -22,27 +25,37 @@ from .stats import GradStats, StatsEngine, VmapEngine, chan_merge, per_sample_gr
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
     "Certificate",
     "Constraint",
     "GradStats",
     "HookEngine",
+    "ParsedBatch",
+    "PerSampleLoss",
     "ProbablyAlignedAdam",
     "ProbablyAlignedAdamW",
     "ProbablyAlignedOptimizer",
     "ProbablyAlignedSGD",
+    "Rule",
     "StatsEngine",
     "StepDiagnostics",
     "VmapEngine",
+    "causal_lm_loss",
     "chan_merge",
+    "classification_loss",
     "directional_derivatives",
     "feasibility_mask",
     "feasibility_masks",
     "normal_quantile",
     "one_sided_test",
+    "parse_batch",
     "per_sample_grad_stats",
     "quantile",
+    "register_rule",
+    "rule_for",
     "soft_mask",
     "step_scale",
     "student_t_quantile",
+    "token_loss",
     "z_scores",
 ]

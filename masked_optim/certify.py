@@ -18,13 +18,13 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from .hooks import _per_sample_losses
+from .batches import Batch, parse_batch
+from .losses import PerSampleLoss
 from .mask import quantile
-from .stats import Batch, LossFn, _param_names, eval_behaviour, validate_batch
+from .stats import LossFn, eval_behaviour, param_names
 
 __all__ = ["directional_derivatives", "one_sided_test"]
 
@@ -40,17 +40,16 @@ def directional_derivatives(
 
     ``params`` are parameters of ``model``; the others are held fixed.  Computed in eval behaviour,
     like the statistics."""
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    xs, y, _ = validate_batch(batch)
-    names = _param_names(model, params)
-    device = params[0].device if params else y.device
-    xs = tuple(x.to(device) for x in xs)
-    y = y.to(device)
+    loss = loss_fn if isinstance(loss_fn, PerSampleLoss) else PerSampleLoss(loss_fn)
+    parsed = parse_batch(batch)
+    names = param_names(model, params)
+    if params:
+        parsed = parsed.to(params[0].device)
     theta = {n: p.detach() for n, p in zip(names, params)}
     tang = {n: t.to(p.dtype) for n, p, t in zip(names, params, tangents)}
 
     def losses(th: dict[str, Tensor]) -> Tensor:
-        return _per_sample_losses(loss_fn, functional_call(model, th, xs), y)
+        return loss.batched(model, parsed, functional_call(model, th, parsed.args, parsed.kwargs))
 
     with eval_behaviour(model), torch.no_grad(), warnings.catch_warnings():
         # torch's forward-AD decompositions still script a helper on first use

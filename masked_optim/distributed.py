@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .hooks import HookEngine
-from .stats import Batch, GradStats, LossFn, StatsEngine, VmapEngine, unwrap_model, validate_batch
+from .batches import Batch, parse_batch
+from .stats import GradStats, LossFn, StatsEngine, VmapEngine, acc_dtype, unwrap_model
 
 __all__ = [
     "DistributedEngine",
@@ -69,7 +70,8 @@ def shard_batch(
     order, give back the batch.  ``rank``/``world_size`` default to the process group's.  Raises
     ``ValueError`` when the batch has fewer samples than ranks (an optimizer rejects empty batches).
     """
-    xs, y, n = validate_batch(batch)
+    parsed = parse_batch(batch)
+    n = parsed.n
     if rank is None or world_size is None:
         _require_group(group)
         rank = dist.get_rank(group) if rank is None else rank
@@ -82,9 +84,11 @@ def shard_batch(
         raise ValueError(
             f"a batch of {n} samples cannot give each of {world_size} ranks at least one sample"
         )
-    pieces = [torch.tensor_split(x, world_size)[rank] for x in xs]
-    inputs = pieces[0] if isinstance(batch[0], Tensor) else tuple(pieces)
-    return inputs, torch.tensor_split(y, world_size)[rank]
+    shard = parsed.map(lambda t: torch.tensor_split(t, world_size)[rank])
+    if parsed.mapping:
+        return {**shard.kwargs, "labels": shard.targets}
+    inputs = shard.args[0] if isinstance(batch[0], Tensor) else shard.args  # type: ignore[index]
+    return inputs, shard.targets
 
 
 def _local_size(batch: Batch) -> int:
@@ -100,12 +104,7 @@ def _local_size(batch: Batch) -> int:
             and xs and all(isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 0 for x in xs)
         ):
             return 0
-    return validate_batch(batch)[2]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # the dtype contract of GradStats (and VmapEngine): float32 at least
-    return torch.promote_types(dtype, torch.float32)
+    return parse_batch(batch).n
 
 
 def _by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -134,8 +133,8 @@ def all_reduce_grad_stats(stats: GradStats, group: Any = None, *, loss_sum: floa
     them, save one collective.  Returns new tensors of dtype at least float32.
     """
     _require_group(group)
-    means = [m.to(_acc_dtype(m.dtype)) for m in stats.mean]
-    m2s = [q.to(_acc_dtype(q.dtype)) for q in stats.m2]
+    means = [m.to(acc_dtype(m.dtype)) for m in stats.mean]
+    m2s = [q.to(acc_dtype(q.dtype)) for q in stats.m2]
     dev = means[0].device if means else stats.loss.device
     if n_total is None or loss_sum is None:
         head = torch.tensor([float(stats.n), float(stats.n) * float(stats.loss)],
@@ -151,7 +150,7 @@ def all_reduce_grad_stats(stats: GradStats, group: Any = None, *, loss_sum: floa
     # M2 about the *global* mean: the cross term nᵢ·(μᵢ − μ)² is non-negative, nothing cancels
     parts = [q + (m - g).square_().mul_(stats.n) for q, m, g in zip(m2s, means, mean)]
     _all_reduce_sum_(parts, group)
-    loss_dtype = _acc_dtype(stats.loss.dtype)
+    loss_dtype = acc_dtype(stats.loss.dtype)
     loss = torch.tensor(loss_sum / n_total, dtype=loss_dtype, device=stats.loss.device)
     return GradStats(n_total, mean, parts, loss)
 
@@ -205,8 +204,8 @@ class DistributedEngine:
             dev = params[0].device if params else torch.device("cpu")
             local = GradStats(
                 0,
-                [torch.zeros(p.shape, dtype=_acc_dtype(p.dtype), device=p.device) for p in params],
-                [torch.zeros(p.shape, dtype=_acc_dtype(p.dtype), device=p.device) for p in params],
+                [torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device) for p in params],
+                [torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device) for p in params],
                 torch.zeros((), dtype=torch.float32, device=dev),
             )
 

@@ -1,57 +1,49 @@
 """A statistics engine that never materialises per-sample gradients of the whole model (docs/design.md §4).
 
 One forward and one backward of the *summed* per-sample loss carry the output gradients ``δ`` of
-every layer; module hooks turn each supported layer's input ``a`` and ``δ`` into ``Σ_k g_k`` and
-``Σ_k g_k²`` of its own parameters — ``δᵀa`` and ``(δ²)ᵀ(a²)`` for a plain ``nn.Linear`` (two matrix
-products), a Gram form for short convolutions and sequences, per-sample gradients of one layer at a
-time otherwise — so memory is ``O(n × largest layer)``, never ``n × P``, and autograd forms no
-weight gradient the rules form again (autograd returns a small layer's δ directly; a large first
-layer's bias gradient, or its weight's, carries the backward to it).  :meth:`HookEngine.pair` serves
-the forget and the retain batch with one pass over their concatenation.  Parameters of modules it does not support (or of
-modules called more than once, or shared between modules) are handed to a fallback engine (the
-vmap reference) within the same call.
+every layer; module hooks turn each layer call's input ``a`` and ``δ`` into the statistics of that
+layer's own parameters, so memory is ``O(n × largest layer)``, never ``n × P``.  Every parameter
+takes one of three routes, decided per model by a *plan*:
 
-Supported: ``nn.Linear`` (any leading dims), ``nn.Conv1d``/``nn.Conv2d`` (groups, stride, padding,
-dilation; zero padding), ``nn.Embedding`` (``padding_idx``; not ``max_norm``), the affine parameters
-of ``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d`` (eval behaviour, running stats).
-Subclasses of these are *not* assumed to compute the same function and fall back.
+* **rules** (:mod:`masked_optim.rules`): a registered closed form (``δᵀa`` and ``(δ²)ᵀ(a²)`` for a
+  plain ``nn.Linear``). A parameter shared between layers (GPT-2's tied embedding), or a layer
+  called more than once, sums the per-sample gradients of every use before squaring them;
+* **per-layer fallback**: a layer no rule covers (or one with forward hooks of its own, or pruned)
+  gets per-sample gradients of its own parameters from its recorded inputs and output gradient —
+  ``vmap`` over the samples of one layer's vector-Jacobian product, one layer at a time;
+* **whole-model fallback** (the vmap reference engine): what neither can do.
+
+The plan verifies itself when it is made (and again whenever the model's structure, parameters or
+hooks change): each parameter's ``Σ_k g_k`` from the hooks is compared with autograd's gradient of
+the summed loss, and a mismatch — a parameter used outside its layer's forward (``h @ emb.weight.T``),
+a layer whose output a hook replaces — moves that parameter to the whole-model fallback with a
+warning naming it. The loss of one sample computed alone is compared with its loss in the batch:
+a model whose samples interact (``x - x.mean(0)``) goes to the whole-model fallback entirely.
+What cannot be detected: a model whose samples interact only on some batches, and a layer whose
+input is not sample-major but happens to have the batch size as its first dimension.
+
+:meth:`HookEngine.pair` serves the forget and the retain batch with one pass over their
+concatenation when their inputs agree in shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vmap
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .mask import _zero
-from .stats import (
-    Batch,
-    GradStats,
-    LossFn,
-    StatsEngine,
-    VmapEngine,
-    _acc_dtype,
-    _merge_into,
-    _param_names,
-    eval_behaviour,
-    validate_batch,
-)
+from .batches import Batch, ParsedBatch, concat, parse_batch
+from .losses import PerSampleLoss
+from .rules import Rule, rule_for, supports
+from .stats import GradStats, LossFn, StatsEngine, VmapEngine, acc_dtype, eval_behaviour, merge_into, param_names
 
 __all__ = ["HookEngine", "supports"]
-
-
-# ---------------------------------------------------------------------------------------------------
-def _sum_sq(g: Tensor) -> Tensor:
-    """Σ over dim 0 of g², without materialising g² (einsum reduces it as a batched product,
-    2-3x faster on CPU than ``(g * g).sum(0)``)."""
-    flat = g.reshape(g.shape[0], -1)
-    return torch.einsum("bi,bi->i", flat, flat).view(g.shape[1:])
-
-
-_CACHE_RESIDENT = 1 << 22  # elements; above this, B per-sample gradients at once leave the CPU caches
 
 
 # layers whose output gradient has at most this many elements run their rule after the backward
@@ -59,312 +51,272 @@ _CACHE_RESIDENT = 1 << 22  # elements; above this, B per-sample gradients at onc
 # small matrices of an MLP; large layers still run (and free their activations) one by one
 _DEFER_MAX = 1 << 16
 
-_GRAM_MAX_INNER = 4  # contraction lengths up to this use the Gram form (see _gram_sum_sq)
-_TRIU: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+# verification: Σ_k g_k of the hooks against autograd, relative to the gradient's norm (float32
+# sums of the same products in another order agree to ~1e-6; a misrouted parameter is off by O(1))
+_VERIFY_RTOL = 1e-3
+_ALONE_RTOL = 1e-3  # one sample's loss alone against in the batch
 
 
-def _sample_major(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
-    """``[B, *, O, L]``, ``[B, *, L, K]`` → ``[*, O, B·L]``, ``[*, B·L, K]``: one product sums over samples."""
-    b, batch, o, k, length = left.shape[0], left.shape[1:-2], left.shape[-2], right.shape[-1], left.shape[-1]
-    return left.movedim(0, -2).reshape(*batch, o, b * length), right.movedim(0, -3).reshape(*batch, b * length, k)
+def _in_backward() -> bool:
+    """Whether autograd is running a backward (a checkpointed layer being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
 
 
-def _gram_sum_sq(left: Tensor, right: Tensor) -> Tensor:
-    """``Σ_b (left[b] @ right[b])²`` without forming any product ``left[b] @ right[b]``.
-
-    With ``g_b = Σ_l x_bl y_blᵀ``, ``Σ_b g_b² = Σ_{b,l,l'} (x_bl ⊙ x_bl') (y_bl ⊙ y_bl')ᵀ``: one matrix
-    product with inner size ``B·L(L+1)/2`` (symmetric pairs counted once, off-diagonal ones twice).
-    For a short contraction (``L`` positions: the deep layers of a ResNet, short sequences) this is
-    far cheaper than ``B`` outer products of the full layer size — measured 15x on a 512→512 3x3
-    convolution at 1x1 resolution, B=16 — and it needs no ``B × layer`` memory at all.
-    """
-    length = left.shape[-1]
-    if length == 1:
-        return torch.matmul(*_sample_major(left.square(), right.square()))
-    key = (length, left.device)
-    if key not in _TRIU:  # cached per device: no host-to-device copies per layer and step
-        iu = torch.triu_indices(length, length, device=left.device)
-        _TRIU[key] = (iu[0], iu[1], torch.where(iu[0] == iu[1], 1.0, 2.0).to(left.device))
-    i, j, w = _TRIU[key]
-    x = left[..., i] * left[..., j] * w.to(left.dtype)  # [B, *, O, T]
-    rt = right.transpose(-1, -2)
-    y = (rt[..., i] * rt[..., j]).transpose(-1, -2)  # [B, *, T, K]
-    return torch.matmul(*_sample_major(x, y))
+def _first_input(args: tuple, kwargs: dict) -> Any:
+    if args:
+        return args[0]
+    return next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
 
 
-def _per_sample_moments(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Σ_b g_b, Σ_b g_b²)`` of the per-sample products ``g_b = left[b] @ right[b]``.
-
-    A short contraction uses the Gram form. On CPU, when the B products would not fit the caches
-    together, one sample at a time with in-place accumulation: measured 4-5x faster for the 3x3
-    convolutions of a ResNet-18 (B=16), where one layer's per-sample gradients reach 150 MB."""
-    if left.shape[-1] <= _GRAM_MAX_INNER:
-        return torch.matmul(*_sample_major(left, right)), _gram_sum_sq(left, right)
-    b = left.shape[0]
-    per_sample = left[0].shape[:-1].numel() * right.shape[-1]
-    if left.device.type != "cpu" or b * per_sample <= _CACHE_RESIDENT:
-        g = torch.matmul(left, right)
-        return g.sum(0), _sum_sq(g)
-    return _accumulate(torch.matmul(left[k], right[k]) for k in range(b))
+@dataclasses.dataclass
+class _Plan:
+    key: tuple
+    rules: dict[nn.Module, tuple[Rule, dict[str, int]]]
+    layers: dict[nn.Module, dict[str, int]]
+    shared: set[int]
+    whole: set[int]
+    names: list[str]
+    verified: bool = False
 
 
-def _accumulate(gs: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(Σ g, Σ g²)`` over an iterable of same-shape tensors, in place."""
-    it = iter(gs)
-    g = next(it)
-    total, sq = g, g.square()  # g is fresh: it becomes the running sum
-    for g in it:
-        total.add_(g)
-        sq.addcmul_(g, g)
-    return total, sq
+class _State:
+    """What one forward+backward collects."""
 
+    def __init__(self, n: int, segments: list[int], nparams: int, sq: bool) -> None:
+        self.n, self.segments, self.sq = n, segments, sq
+        self.equal = len(segments) > 1 and segments.count(segments[0]) == len(segments)  # k equal segments
+        self.results: list[list[tuple[Tensor, Tensor] | None]] = [[None] * nparams for _ in segments]
+        self.per_sample: dict[int, Tensor] = {}  # summed over uses: [n, *shape]
+        self.targets: list[Tensor] = []
+        self.replaying = False
+        self.unsplittable: dict[int, str] = {}  # param index -> why its layer's batch cannot be split
 
-def _linear(m: nn.Linear, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    out = {}
-    if a.dim() == 2:
-        d2 = d * d
-        out["weight"] = (d.t() @ a, d2.t() @ (a * a))
-        if m.bias is not None:
-            out["bias"] = (d.sum(0), d2.sum(0))
-    else:
-        # a sequence dimension: per-sample gradients sum over positions before squaring
-        a3, d3 = a.reshape(a.shape[0], -1, a.shape[-1]), d.reshape(d.shape[0], -1, d.shape[-1])
-        out["weight"] = _per_sample_moments(d3.transpose(1, 2), a3)
-        if m.bias is not None:
-            gb = d3.sum(1)
-            out["bias"] = (gb.sum(0), (gb * gb).sum(0))
-    return out
-
-
-def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tuple[Tensor, Tensor]] | None:
-    """:func:`_linear` of ``k`` equal consecutive segments of a 2-d batch at once, as ``[k, ...]``
-    *means* and ``Σg²`` (the products scale by 1/n on the fly: no pass to divide) from batched
-    products, half the operations of one call per segment (``None``: not 2-d)."""
-    if a.dim() != 2:
-        return None
-    n = a.shape[0] // k
-    a3, d3 = a.view(k, n, a.shape[-1]), d.view(k, n, d.shape[-1])
-    d2 = d3 * d3
-    dt = d3.transpose(1, 2)
-    mean = torch.baddbmm(_zero(a), dt, a3, beta=0, alpha=1.0 / n)
-    out = {"weight": (mean, torch.bmm(d2.transpose(1, 2), a3 * a3))}
-    if m.bias is not None:
-        out["bias"] = (d3.mean(1), d2.sum(1))
-    return out
-
-
-def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    if isinstance(m, nn.Conv1d):
-        a, d = a.unsqueeze(2), d.unsqueeze(2)
-        pad = 0 if m.padding == "valid" else m.padding[0]
-        k, s, p, dil = (1, m.kernel_size[0]), (1, m.stride[0]), (0, pad), (1, m.dilation[0])
-    else:
-        k, s, dil = m.kernel_size, m.stride, m.dilation
-        p = (0, 0) if m.padding == "valid" else m.padding
-    b, groups = a.shape[0], m.groups
-    positions = d.shape[2] * d.shape[3]
-    if (a.device.type == "cpu" and positions > _GRAM_MAX_INNER
-            and b * (m.weight[0].numel() * groups) * positions > _CACHE_RESIDENT):
-        # a large unfolded input: let the convolution kernel form each sample's weight gradient
-        # (measured 2-4x faster than unfold + matmul for the 32x32 and 16x16 layers of a ResNet)
-        w = m.weight.detach().to(a.dtype).reshape(d.shape[1], -1, *k)
-        s_w, q_w = _accumulate(
-            torch.ops.aten.convolution_backward(
-                d[j : j + 1], a[j : j + 1], w, None, list(s), list(p), list(dil), False, [0, 0], groups,
-                [False, True, False],
-            )[1]
-            for j in range(b)
-        )
-    else:
-        cols = F.unfold(a, k, dilation=dil, padding=p, stride=s)  # [B, Cin·kh·kw, L]
-        cols = cols.view(b, groups, -1, cols.shape[-1])
-        dd = d.reshape(b, groups, -1, cols.shape[-1])  # [B, G, Cout/G, L]
-        # per-sample gradients of this layer only: [B, G, Cout/G, L] @ [B, G, L, Cin/G·kh·kw]
-        s_w, q_w = _per_sample_moments(dd, cols.transpose(-1, -2))
-    out = {"weight": (s_w.reshape(m.weight.shape), q_w.reshape(m.weight.shape))}
-    if m.bias is not None:
-        gb = d.reshape(b, d.shape[1], -1).sum(-1)
-        out["bias"] = (gb.sum(0), (gb * gb).sum(0))
-    return out
-
-
-def _embedding(m: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    b, dim, vocab = idx.shape[0], d.shape[-1], m.num_embeddings
-    idx = idx.reshape(b, -1)
-    d = d.reshape(b, -1, dim)
-    if m.padding_idx is not None:
-        d = d * (idx != m.padding_idx).unsqueeze(-1).to(d.dtype)
-    # per-sample gradient rows: sum δ over the positions of each (sample, token) pair
-    key = (torch.arange(b, device=idx.device).unsqueeze(1) * vocab + idx).reshape(-1)
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    rows = torch.zeros(uniq.numel(), dim, dtype=d.dtype, device=d.device).index_add_(0, inverse, d.reshape(-1, dim))
-    token = uniq % vocab
-    total = torch.zeros(vocab, dim, dtype=d.dtype, device=d.device).index_add_(0, token, rows)
-    sq = torch.zeros(vocab, dim, dtype=d.dtype, device=d.device).index_add_(0, token, rows * rows)
-    return {"weight": (total, sq)}
-
-
-def _affine_norm(x_hat: Tensor, d: Tensor, m: nn.Module, channel_dim: int | None) -> dict[str, tuple[Tensor, Tensor]]:
-    b = d.shape[0]
-    if channel_dim is None:  # LayerNorm: parameters cover the trailing normalized_shape
-        shape = m.weight.shape if m.weight is not None else m.bias.shape
-        gw = (d * x_hat).reshape(b, -1, *shape).sum(1)
-        gb = d.reshape(b, -1, *shape).sum(1)
-    else:  # per-channel parameters on dim 1
-        gw = (d * x_hat).reshape(b, d.shape[1], -1).sum(-1)
-        gb = d.reshape(b, d.shape[1], -1).sum(-1)
-    out = {}
-    if getattr(m, "weight", None) is not None:
-        out["weight"] = (gw.sum(0), (gw * gw).sum(0))
-    if getattr(m, "bias", None) is not None:
-        out["bias"] = (gb.sum(0), (gb * gb).sum(0))
-    return out
-
-
-def _layer_norm(m: nn.LayerNorm, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    return _affine_norm(F.layer_norm(a, m.normalized_shape, None, None, m.eps), d, m, None)
-
-
-def _group_norm(m: nn.GroupNorm, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    return _affine_norm(F.group_norm(a, m.num_groups, None, None, m.eps), d, m, 1)
-
-
-def _batch_norm(m: nn.modules.batchnorm._BatchNorm, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    view = (1, -1) + (1,) * (a.dim() - 2)
-    x_hat = (a - m.running_mean.view(view)) * torch.rsqrt(m.running_var.view(view) + m.eps)
-    return _affine_norm(x_hat.to(d.dtype), d, m, 1)
-
-
-# Per-layer rules: (module, input a, output grad δ) -> {param name: (Σ_k g_k, Σ_k g_k²)}, in the
-# accumulation dtype.
-_RULES: dict[type, Callable[[nn.Module, Tensor, Tensor], dict[str, tuple[Tensor, Tensor]]]] = {
-    nn.Linear: _linear,
-    nn.Conv1d: _conv,
-    nn.Conv2d: _conv,
-    nn.Embedding: _embedding,
-    nn.LayerNorm: _layer_norm,
-    nn.GroupNorm: _group_norm,
-    nn.BatchNorm1d: _batch_norm,
-    nn.BatchNorm2d: _batch_norm,
-    nn.BatchNorm3d: _batch_norm,
-}
-
-# Rules that take k equal consecutive segments at once ([k, ...] means and Σg²), or return None when
-# they cannot.
-_SEGMENT_RULES: dict[type, Callable[[nn.Module, Tensor, Tensor, int], dict[str, tuple[Tensor, Tensor]] | None]] = {
-    nn.Linear: _linear_segments,
-}
-
-
-def supports(module: nn.Module) -> bool:
-    """Whether :class:`HookEngine` computes this module's own parameters' statistics itself."""
-    rule = _RULES.get(type(module))
-    if rule is None:
-        return False
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return module.padding == "valid" or (module.padding_mode == "zeros" and not isinstance(module.padding, str))
-    if isinstance(module, nn.Embedding):
-        return module.max_norm is None and not module.scale_grad_by_freq
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.track_running_stats and module.running_mean is not None
-    return True
-
-
-class _Tap:
-    """Forward/backward taps on one module: per segment of the batch, ``(mean, M2)`` of each owned
-    parameter (``(mean, Σg²)`` with ``sq``), written to ``results[segment][param index]``."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        owned: dict[str, int],
-        segments: list[int],
-        equal: bool,
-        results: list[list[tuple[Tensor, Tensor] | None]],
-        targets: list[Tensor],
-        acc_dtype: torch.dtype,
-        sq: bool = False,
-    ) -> None:
-        self.module, self.owned, self.segments, self.results = module, owned, segments, results
-        self.equal = equal  # k > 1 segments of one size
-        self.targets, self.acc_dtype, self.sq = targets, acc_dtype, sq
-        self.calls = 0
-        self.input: Tensor | None = None
-        self.input_needs_grad = False
-        self.node: torch.autograd.graph.Node | None = None  # formed the output
-        self.output_nr = self.version = 0
-        self.output: Tensor | None = None  # a small layer's output, whose δ autograd returns directly
-        self.deferred: Tensor | None = None
-
-    def forward_hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        self.calls += 1
-        if self.calls > 1 or not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        x = inputs[0]
-        self.input, self.input_needs_grad = x.detach(), x.requires_grad
-        self.node, self.output_nr = output.grad_fn, output.output_nr
-        if output.numel() <= _DEFER_MAX:
-            # small: autograd returns its δ directly (no hook; nor any backward below the first layer)
-            # and the rule runs after the backward, where the same arithmetic measured up to 2x faster
-            # than inside autograd's hooks
-            self.output, self.version = output, output._version
+    def add(self, i: int, g: Tensor) -> None:
+        acc = self.per_sample.get(i)
+        if acc is None:
+            self.per_sample[i] = g
         else:
-            self.hook()
+            acc.add_(g)
 
-    def hook(self) -> None:
-        """Take δ in the backward, from the node that formed the output (before any in-place change)."""
+
+class _Call:
+    __slots__ = ("a", "needs_grad", "node", "nr", "output", "version", "delta")
+
+    def __init__(self, a: Tensor, needs_grad: bool) -> None:
+        self.a, self.needs_grad = a, needs_grad
+        self.node: Any = None
+        self.nr = self.version = 0
+        self.output: Tensor | None = None
+        self.delta: Tensor | None = None
+
+
+class _RuleTap:
+    """A layer with a rule: per call its input and ``δ`` (from the node that formed the output)."""
+
+    def __init__(self, module: nn.Module, rule: Rule, owned: dict[str, int], state: _State, dtype: torch.dtype,
+                 shared: bool) -> None:
+        self.module, self.rule, self.owned, self.state, self.dtype = module, rule, owned, state, dtype
+        self.shared = shared  # some parameter is used by another layer too: per-sample gradients
+        self.calls: list[_Call] = []
+        self.no_grad = self.recomputed = False
+
+    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        st = self.state
+        if st.replaying:
+            return None
+        if _in_backward():
+            self.recomputed = True  # activation checkpointing recomputes the forward: nothing new
+            return None
+        if not torch.is_grad_enabled():
+            self.no_grad = True
+            return None
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        x = _first_input(args, kwargs)
+        if not isinstance(x, Tensor):
+            return None
+        replaced = None
+        if x.shape[0] != st.n or output.shape[0] != st.n:
+            if x.shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1 and st.n > 1:
+                # an input shared by every sample (HF position ids [1, L]): each sample's own copy,
+                # so that the backward keeps one δ per sample instead of their sum
+                x = x.expand(st.n, *x.shape[1:])
+                output = replaced = output.expand(st.n, *output.shape[1:])
+            else:
+                for i in self.owned.values():
+                    st.unsplittable[i] = f"its layer's input has leading size {x.shape[0]}, not the batch's {st.n}"
+                return None
+        call = _Call(x.detach(), x.requires_grad)
+        call.node, call.nr = output.grad_fn, output.output_nr
+        self.calls.append(call)
+        if output.numel() <= _DEFER_MAX:
+            call.output, call.version = output, output._version
+        else:
+            self._hook(call)
+        return replaced
+
+    def _hook(self, call: _Call) -> None:
         # the backward only has to carry δ through every hooked module: it does when autograd is asked
         # for the parameters of the first layers (whose input needs no gradient) and for every leaf
-        # the hooks do not own; gradients of module inputs would do too, but they would all be held
-        # until the backward ends (measured +150 MiB on a ResNet-18 step)
-        if not self.input_needs_grad:  # its bias when it has one: the cheapest gradient to form
-            self.targets.append(getattr(self.module, "bias" if "bias" in self.owned else next(iter(self.owned))))
-        nr = self.output_nr
-        self.node.register_prehook(lambda grad_outputs: self.backward_hook(grad_outputs[nr]))  # type: ignore[union-attr]
-        self.node = None
+        # the hooks do not own (measured cheaper than asking for module inputs)
+        if not call.needs_grad:
+            self.state.targets.append(getattr(self.module, "bias" if "bias" in self.owned else next(iter(self.owned))))
+        call.node.register_prehook(lambda grad_outputs: self._backward(call, grad_outputs[call.nr]))
+        call.node = None
 
-    def direct(self) -> Tensor | None:
-        """The output whose δ autograd should return, or ``None`` (not small, or changed in place since
-        the forward: then from the node that formed it, :meth:`hook`)."""
-        out, self.output = self.output, None
-        if out is not None and out._version != self.version:
-            self.hook()
-            return None
+    def direct(self) -> list[tuple[_Call, Tensor]]:
+        """Outputs whose δ autograd should return directly (small, unchanged since the forward)."""
+        out = []
+        for call in self.calls:
+            o, call.output = call.output, None
+            if o is None:
+                continue
+            if o._version != call.version:
+                self._hook(call)
+            else:
+                out.append((call, o))
         return out
 
-    def backward_hook(self, grad_out: Tensor | None) -> None:
-        if self.calls != 1 or self.input is None or grad_out is None:
-            return
-        if grad_out.numel() <= _DEFER_MAX:
-            self.deferred = grad_out
-            return
-        self.finish(grad_out)
+    def _per_sample_mode(self) -> bool:
+        return self.shared or len(self.calls) > 1
 
-    def finish(self, grad_out: Tensor | None = None) -> None:
-        """Run the layer rule on the stored input and ``grad_out`` (default: the deferred one)."""
-        if grad_out is None:
-            grad_out, self.deferred = self.deferred, None
-            if grad_out is None:
-                return
-        x, self.input = self.input, None  # release the activation as soon as it is used
-        a = x if x.dtype in (self.acc_dtype, torch.long, torch.int) else x.to(self.acc_dtype)
-        d = grad_out if grad_out.dtype == self.acc_dtype else grad_out.to(self.acc_dtype)
-        k, n = len(self.segments), self.segments[0]
-        batched = _SEGMENT_RULES.get(type(self.module)) if self.equal else None
-        stacked = batched(self.module, a, d, k) if batched is not None else None
+    def _backward(self, call: _Call, delta: Tensor | None) -> None:
+        call.delta = delta
+        if delta is not None and delta.numel() > _DEFER_MAX and not self._per_sample_mode():
+            self.finish()  # large: run now and free the activation
+
+    def finish(self) -> None:
+        st, dt = self.state, self.dtype
+        per_sample = self._per_sample_mode()
+        calls, self.calls = self.calls, []
+        for call in calls:
+            if call.delta is None or call.a is None:
+                continue
+            x, call.a = call.a, None  # release the activation as soon as it is used
+            a = x if x.dtype in (dt, torch.long, torch.int) else x.to(dt)
+            d = call.delta if call.delta.dtype == dt else call.delta.to(dt)
+            call.delta = None
+            if per_sample:
+                g = self.rule.per_sample(self.module, a, d)
+                for name, i in self.owned.items():
+                    if name in g:
+                        st.add(i, g[name])
+            else:
+                self._moments(a, d)
+
+    def _moments(self, a: Tensor, d: Tensor) -> None:
+        st = self.state
+        k, n = len(st.segments), st.segments[0]
+        stacked = self.rule.segments(self.module, a, d, k) if st.equal and self.rule.segments else None
         if stacked is not None:  # every segment at once: [k, ...] means and Σg²
             for name, (mean, sq) in stacked.items():
                 if name in self.owned:
-                    m2 = sq if self.sq else _m2(mean, sq, n)
+                    m2 = sq if st.sq else _m2(mean, sq, n)
                     for seg, moments in enumerate(zip(mean.unbind(), m2.unbind())):
-                        self.results[seg][self.owned[name]] = moments
+                        st.results[seg][self.owned[name]] = moments
             return
-        rule = _RULES[type(self.module)]
-        for seg, (a_s, d_s) in enumerate(zip(a.split(self.segments), d.split(self.segments))):
-            for name, (total, sq) in rule(self.module, a_s, d_s).items():
+        for seg, (a_s, d_s) in enumerate(zip(a.split(st.segments), d.split(st.segments))):
+            for name, (total, sq) in self.rule.moments(self.module, a_s, d_s).items():
                 if name in self.owned:
                     mean = total.div_(a_s.shape[0])
-                    self.results[seg][self.owned[name]] = (mean, sq if self.sq else _m2(mean, sq, a_s.shape[0]))
+                    st.results[seg][self.owned[name]] = (mean, sq if st.sq else _m2(mean, sq, a_s.shape[0]))
+
+
+class _Capture(torch.autograd.Function):
+    """Identity on a layer's outputs whose backward records their gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, record: list, *xs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.record = record
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        ctx.record.append(grads)
+        return (None, *grads)
+
+
+class _LayerTap:
+    """Per-layer fallback: records each call's inputs and output gradients; afterwards, per-sample
+    gradients of the layer's own parameters by ``vmap`` over its vector-Jacobian product."""
+
+    def __init__(self, module: nn.Module, owned: dict[str, int], state: _State, dtype: torch.dtype) -> None:
+        self.module, self.owned, self.state, self.dtype = module, owned, state, dtype
+        self.calls: list[tuple[tuple, dict, Any, list[int], list]] = []
+        self.no_grad = self.recomputed = False
+
+    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        st = self.state
+        if st.replaying:
+            return None
+        if _in_backward():
+            self.recomputed = True
+            return None
+        if not torch.is_grad_enabled():
+            self.no_grad = True
+            return None
+        flat, spec = tree_flatten(output)
+        idx = [j for j, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
+        if not idx:
+            return None
+        if any(flat[j].dim() == 0 or flat[j].shape[0] != st.n for j in idx):
+            for i in self.owned.values():
+                st.unsplittable[i] = "its layer's output is not split by sample"
+            return None
+        record: list = []
+        detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
+        self.calls.append((tree_map(detach, args), tree_map(detach, kwargs), spec, idx, record))
+        captured = _Capture.apply(record, *[flat[j] for j in idx])
+        for j, c in zip(idx, captured):
+            flat[j] = c
+        return tree_unflatten(flat, spec)
+
+    def finish(self) -> None:
+        st, module = self.state, self.module
+        params = {name: module._parameters[name].detach() for name in self.owned}
+        for args, kwargs, _, idx, record in self.calls:
+            if not record:
+                continue
+            deltas = [d.to(self.dtype) if d.dtype != self.dtype else d for d in record[0]]
+
+            def inner(th: dict[str, Tensor], a: tuple, kw: dict, ds: list[Tensor]) -> Tensor:
+                out = functional_call(module, th, a, kw)
+                flat = tree_flatten(out)[0]
+                return sum((flat[j].to(d.dtype) * d).sum() for j, d in zip(idx, ds))
+
+            split = lambda v: 0 if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == st.n else None  # noqa: E731
+            unsq = lambda v, dim: v.unsqueeze(0) if dim == 0 else v  # noqa: E731
+
+            def one(th: dict[str, Tensor], a: tuple, kw: dict, ds: list[Tensor]) -> Tensor:
+                a1 = tree_map(unsq, a, a_dims)
+                kw1 = tree_map(unsq, kw, kw_dims)
+                return inner(th, a1, kw1, [d.unsqueeze(0) for d in ds])
+
+            a_dims, kw_dims = tree_map(split, args), tree_map(split, kwargs)
+            st.replaying = True
+            try:
+                try:
+                    g = vmap(grad(one), in_dims=(None, a_dims, kw_dims, 0))(params, args, kwargs, deltas)
+                except (RuntimeError, NotImplementedError, ValueError, TypeError):
+                    # data-dependent control flow (e.g. attention masks): one sample at a time
+                    g = self._loop(inner, params, args, kwargs, deltas, a_dims, kw_dims)
+            finally:
+                st.replaying = False
+            for name, i in self.owned.items():
+                st.add(i, g[name].to(self.dtype))
+        self.calls = []
+
+    def _loop(self, inner: Any, params: dict, args: tuple, kwargs: dict, deltas: list[Tensor], a_dims: Any,
+              kw_dims: Any) -> dict[str, Tensor]:
+        rows = []
+        for k in range(self.state.n):
+            pick = lambda v, dim: v[k : k + 1] if dim == 0 else v  # noqa: E731
+            th = {name: p.clone().requires_grad_(True) for name, p in params.items()}
+            with torch.enable_grad():
+                val = inner(th, tree_map(pick, args, a_dims), tree_map(pick, kwargs, kw_dims), [d[k : k + 1] for d in deltas])
+                gs = torch.autograd.grad(val, list(th.values()), allow_unused=True)
+            rows.append({name: torch.zeros_like(p) if gi is None else gi for (name, p), gi in zip(th.items(), gs)})
+        return {name: torch.stack([r[name] for r in rows]) for name in params}
 
 
 def _m2(mean: Tensor, sq: Tensor, n: int) -> Tensor:
@@ -373,228 +325,237 @@ def _m2(mean: Tensor, sq: Tensor, n: int) -> Tensor:
     return sq.addcmul_(mean, mean, value=-n).clamp_min_(0)
 
 
+def _has_own_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
+
+
 class HookEngine:
     """Fast statistics engine: one forward+backward per chunk, moments from layer hooks.
 
-    The backward only propagates output gradients δ; each supported layer forms ``Σ g`` and ``Σ g²``
-    of its own parameters from its input and δ.  :meth:`pair` computes the statistics of two batches
-    (forget and retain) in one forward+backward over their concatenation.
-
     Args:
-        fallback: engine for the parameters of unsupported modules (the vmap reference by default);
-            ``None`` raises instead.
+        fallback: engine for what neither the rules nor the per-layer fallback can do (the vmap
+            reference by default); ``None`` raises instead.
         chunk_size: samples per forward/backward (``None``: the whole batch at once); chunk results are
             Chan-merged, so memory scales with the chunk, not the batch.
+        verify: check each new plan against autograd (see the module docstring). Default ``True``.
     """
 
-    def __init__(self, fallback: StatsEngine | None = "default", chunk_size: int | None = None) -> None:  # type: ignore[assignment]
+    def __init__(self, fallback: StatsEngine | None = "default", chunk_size: int | None = None,  # type: ignore[assignment]
+                 verify: bool = True) -> None:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.fallback = VmapEngine() if fallback == "default" else fallback
         self.chunk_size = chunk_size
-        self._plan: tuple | None = None
+        self.verify = verify
+        self._plan: _Plan | None = None
+        self._warned: set[tuple[str, str]] = set()
+
+    #: the engine computes two batches' statistics in one pass (see :meth:`pair`)
+    pairs = True
+
+    # -- the plan ------------------------------------------------------------------------------------
+    @staticmethod
+    def _key(model: nn.Module, params: Sequence[Tensor], modules: list[nn.Module]) -> tuple:
+        return (id(model), tuple(id(p) for p in params),
+                tuple((id(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for m in modules))
 
     def plan(self, model: nn.Module, params: Sequence[Tensor]) -> tuple[dict[nn.Module, dict[str, int]], list[int]]:
-        """Which parameters (by index) the hooks handle, per module, and which go to the fallback."""
-        return self._cached_plan(model, params, list(model.modules()))
+        """Which parameters (by index) the rules handle, per module, and which the fallbacks do."""
+        p = self._get_plan(model, list(params), list(model.modules()))
+        return {m: owned for m, (_, owned) in p.rules.items()}, sorted(
+            {i for owned in p.layers.values() for i in owned.values()} | p.whole)
 
-    def _cached_plan(
-        self, model: nn.Module, params: Sequence[Tensor], modules: list[nn.Module]
-    ) -> tuple[dict[nn.Module, dict[str, int]], list[int]]:
-        # the optimizer asks for the same plan every step: reuse it while model and params are the same
-        key = (id(model), tuple(id(p) for p in params), tuple(id(m) for m in modules))
-        if self._plan is not None and self._plan[0] == key:
-            return self._plan[1]
-        result = self._make_plan(model, params)
-        self._plan = (key, result)
-        return result
-
-    def _make_plan(self, model: nn.Module, params: Sequence[Tensor]) -> tuple[dict[nn.Module, dict[str, int]], list[int]]:
-        _param_names(model, params)  # a clear error for foreign parameters, once per plan
+    def _get_plan(self, model: nn.Module, params: list[Tensor], modules: list[nn.Module]) -> _Plan:
+        key = self._key(model, params, modules)
+        if self._plan is not None and self._plan.key == key:
+            return self._plan
+        names = param_names(model, params)  # a clear error for foreign parameters, once per plan
         homes: dict[int, list[tuple[nn.Module, str]]] = {}
-        for mod in model.modules():
+        for mod in modules:
             for pname, p in mod.named_parameters(recurse=False):
                 homes.setdefault(id(p), []).append((mod, pname))
-        owned: dict[nn.Module, dict[str, int]] = {}
-        rest = []
+        rules: dict[nn.Module, tuple[Rule, dict[str, int]]] = {}
+        layers: dict[nn.Module, dict[str, int]] = {}
+        shared: set[int] = set()
         for i, p in enumerate(params):
             home = homes.get(id(p), [])
-            if len(home) == 1 and supports(home[0][0]):
-                owned.setdefault(home[0][0], {})[home[0][1]] = i
-            else:
-                rest.append(i)
-        return owned, rest
+            if len(home) > 1:
+                shared.add(i)
+            for mod, pname in home:
+                rule = None if _has_own_hooks(mod) else rule_for(mod)
+                if rule is not None:
+                    rules.setdefault(mod, (rule, {}))[1][pname] = i
+                else:
+                    layers.setdefault(mod, {})[pname] = i
+        self._plan = _Plan(key, rules, layers, shared, set(), names, verified=not self.verify)
+        return self._plan
 
-    def __call__(
-        self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None
-    ) -> GradStats:
-        return self._run(model, list(params), [validate_batch(batch)], loss_fn, concat=False)[0]
+    # -- public calls --------------------------------------------------------------------------------
+    def __call__(self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None) -> GradStats:
+        return self._run(model, list(params), [parse_batch(batch)], loss_fn, one_pass=False)[0]
 
-    def pair(
-        self, model: nn.Module, params: Sequence[Tensor], first: Batch, second: Batch, loss_fn: LossFn | None = None
-    ) -> tuple[GradStats, GradStats]:
+    def pair(self, model: nn.Module, params: Sequence[Tensor], first: Batch, second: Batch,
+             loss_fn: LossFn | None = None, *, sq: bool = False) -> tuple[GradStats, GradStats]:
         """Statistics of two batches, equal to two calls. Without ``chunk_size``, and when the inputs
         agree in dtype and trailing shape, one forward+backward over the concatenated batches (the
-        model runs in eval behaviour, so the samples stay independent)."""
-        parsed = [validate_batch(b) for b in (first, second)]
-        first_stats, second_stats = self._run(model, list(params), parsed, loss_fn, concat=self._one_pass(parsed))
-        return first_stats, second_stats
+        model runs in eval behaviour, so the samples stay independent). ``sq``: the ``m2`` lists
+        hold ``Σ_k g_k²`` instead of M2 (the optimizers' hard tests read it with an adjusted
+        threshold, saving two passes over the statistics)."""
+        parsed = [parse_batch(b) for b in (first, second)]
+        one = self.chunk_size is None and parsed[0].signature() == parsed[1].signature()
+        f, r = self._run(model, list(params), parsed, loss_fn, one_pass=one, sq=sq)
+        if sq and not one:
+            for s in (f, r):
+                s.m2 = [torch.addcmul(q, m, m, value=s.n) for m, q in zip(s.mean, s.m2)]
+        return f, r
 
-    def _pair_sq(
-        self,
-        model: nn.Module,
-        params: Sequence[Tensor],
-        first: Batch,
-        second: Batch,
-        loss_fn: LossFn | None = None,
-        *,
-        validated: bool = False,
-    ) -> tuple[GradStats, GradStats] | None:
-        """:meth:`pair` whose ``m2`` lists hold ``Σ_k g_k²`` instead of M2, saving two passes over every
-        parameter's statistics; for the optimizers' hard mask, which reads ``Σg²`` with an adjusted
-        threshold. ``None`` when the batches would not go through one pass together. ``validated``:
-        the batches are :func:`~masked_optim.stats.validate_batch`'s results (the caller checked them)."""
-        batches = [first, second]
-        parsed = batches if validated else [validate_batch(b) for b in batches]
-        if not self._one_pass(parsed):  # type: ignore[arg-type]
-            return None
-        first_stats, second_stats = self._run(model, list(params), parsed, loss_fn, concat=True, sq=True)  # type: ignore[arg-type]
-        return first_stats, second_stats
-
-    def _one_pass(self, parsed: list[tuple[tuple[Tensor, ...], Tensor, int]]) -> bool:
-        """Whether validated batches go through one forward+backward together."""
-        return len(parsed) > 1 and self.chunk_size is None and _concatenable(parsed)
-
-    def _run(
-        self,
-        model: nn.Module,
-        params: list[Tensor],
-        parsed: list[tuple[tuple[Tensor, ...], Tensor, int]],
-        loss_fn: LossFn | None,
-        concat: bool,
-        sq: bool = False,
-    ) -> list[GradStats]:
-        """Statistics of each (validated) batch; ``concat``: in one pass over their concatenation
-        (:meth:`_one_pass`), else chunk by chunk; ``sq``: ``Σg²`` in place of M2 (one pass only)."""
-        loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    # -- the work ------------------------------------------------------------------------------------
+    def _run(self, model: nn.Module, params: list[Tensor], parsed: list[ParsedBatch], loss_fn: Any,
+             one_pass: bool, sq: bool = False) -> list[GradStats]:
+        loss = loss_fn if isinstance(loss_fn, PerSampleLoss) else PerSampleLoss(loss_fn)
         modules = list(model.modules())
-        owned, rest = self._cached_plan(model, params, modules)
-        device = params[0].device if params else parsed[0][1].device
-        parsed = [(tuple(_to(x, device) for x in xs), _to(y, device), n) for xs, y, n in parsed]
+        plan = self._get_plan(model, params, modules)
+        device = params[0].device if params else parsed[0].targets.device
+        parsed = [b.to(device) for b in parsed]
         accs = [GradStats(0, [], [], None) for _ in parsed]  # type: ignore[arg-type]  # set by the first merge
-        reused: set[int] = set()
         with eval_behaviour(model, modules):
-            if concat:
-                xs = tuple(torch.cat(parts) for parts in zip(*(p[0] for p in parsed)))
-                y = torch.cat([p[1] for p in parsed])
-                outs, reused = self._pass(model, modules, params, owned, xs, y, [p[2] for p in parsed], loss_fn, sq)
-                for acc, (_, _, n), out in zip(accs, parsed, outs):
-                    _merge_into(acc, n, *out)
+            if not plan.verified:
+                self._verify(model, params, plan, parsed[0], loss)
+            if one_pass:
+                batch = concat(parsed)
+                outs = self._pass(model, params, plan, batch, [b.n for b in parsed], loss, sq)
+                for acc, b, out in zip(accs, parsed, outs):
+                    merge_into(acc, b.n, *out)
             else:
-                for acc, (xs, y, n) in zip(accs, parsed):
-                    chunk = n if self.chunk_size is None else min(self.chunk_size, n)
-                    for start in range(0, n, chunk):
-                        stop = min(start + chunk, n)
-                        outs, again = self._pass(
-                            model, modules, params, owned, tuple(x[start:stop] for x in xs), y[start:stop], [stop - start],
-                            loss_fn,
-                        )
-                        reused |= again
-                        _merge_into(acc, stop - start, *outs[0])
-        rest = sorted(set(rest) | reused)
-        if rest:
+                for acc, b in zip(accs, parsed):
+                    chunk = b.n if self.chunk_size is None else min(self.chunk_size, b.n)
+                    for start in range(0, b.n, chunk):
+                        stop = min(start + chunk, b.n)
+                        outs = self._pass(model, params, plan, b.slice(start, stop), [stop - start], loss, False)
+                        merge_into(acc, stop - start, *outs[0])
+        whole = sorted(plan.whole | self._last_unsplittable)
+        if whole:
             if self.fallback is None:
-                names = _param_names(model, [params[i] for i in rest])
-                raise ValueError(f"HookEngine does not support the modules owning parameters {names}")
-            sub_params = [params[i] for i in rest]
-            for acc, (xs, y, _) in zip(accs, parsed):
-                sub = self.fallback(model, sub_params, (xs, y), loss_fn)
-                for j, i in enumerate(rest):
-                    acc.mean[i] = sub.mean[j]
-                    acc.m2[i] = torch.addcmul(sub.m2[j], sub.mean[j], sub.mean[j], value=acc.n) if sq else sub.m2[j]
+                raise ValueError(f"HookEngine(fallback=None) cannot compute the statistics of {[plan.names[i] for i in whole]}")
+            sub = [params[i] for i in whole]
+            for acc, b in zip(accs, parsed):
+                st = self.fallback(model, sub, b, loss)
+                for j, i in enumerate(whole):
+                    acc.mean[i] = st.mean[j]
+                    acc.m2[i] = torch.addcmul(st.m2[j], st.mean[j], st.mean[j], value=acc.n) if (sq and one_pass) else st.m2[j]
         return accs
 
-    def _pass(
-        self,
-        model: nn.Module,
-        modules: list[nn.Module],
-        params: list[Tensor],
-        owned: dict[nn.Module, dict[str, int]],
-        xs: tuple[Tensor, ...],
-        y: Tensor,
-        segments: list[int],
-        loss_fn: LossFn,
-        sq: bool = False,
-    ) -> tuple[list[tuple[list[Tensor], list[Tensor], Tensor]], set[int]]:
-        """One forward+backward; per segment ``(means, m2s, mean loss)``, and the parameters of
-        modules that turned out to be called more than once (left to the fallback)."""
-        dtypes = [_acc_dtype(p.dtype) for p in params]
-        results: list[list[tuple[Tensor, Tensor] | None]] = [[None] * len(params) for _ in segments]
-        equal = len(segments) > 1 and segments.count(segments[0]) == len(segments)
-        targets: list[Tensor] = [x for x in xs if x.requires_grad]
-        hooked = {id(params[i]) for names in owned.values() for i in names.values()}
-        targets += [  # (a shared leaf may appear twice: deduplicated below)
-            p for m in modules for p in m._parameters.values() if p is not None and p.requires_grad and id(p) not in hooked
-        ]
-        taps = [
-            _Tap(mod, names, segments, equal, results, targets, dtypes[next(iter(names.values()))], sq)
-            for mod, names in owned.items()
-        ]
-        handles = [t.module.register_forward_hook(t.forward_hook) for t in taps]
+    def _pass(self, model: nn.Module, params: list[Tensor], plan: _Plan, batch: ParsedBatch, segments: list[int],
+              loss: PerSampleLoss, sq: bool, check: dict[int, Tensor] | None = None) -> list[tuple[list[Tensor], list[Tensor], Tensor]]:
+        """One forward+backward; per segment ``(means, m2s, mean loss)``. ``check``: filled with
+        autograd's gradient of the summed loss for every parameter (verification)."""
+        dtypes = [acc_dtype(p.dtype) for p in params]
+        st = _State(batch.n, segments, len(params), sq)
+        hooked = {i for _, owned in plan.rules.values() for i in owned.values()}
+        taps: list[_RuleTap | _LayerTap] = []
+        for mod, (rule, owned) in plan.rules.items():
+            owned = {n: i for n, i in owned.items() if i not in plan.whole}
+            if owned:
+                taps.append(_RuleTap(mod, rule, owned, st, dtypes[next(iter(owned.values()))],
+                                     any(i in plan.shared for i in owned.values())))
+        for mod, owned in plan.layers.items():
+            owned = {n: i for n, i in owned.items() if i not in plan.whole}
+            if owned:
+                taps.append(_LayerTap(mod, owned, st, dtypes[next(iter(owned.values()))]))
+        st.targets = [x for x in batch.tensors() if x.requires_grad]
+        for i, p in enumerate(params):
+            if p.requires_grad and (i not in hooked or check is not None):
+                st.targets.append(p)
+        handles = [t.module.register_forward_hook(t.forward_hook, with_kwargs=True) for t in taps]
         try:
             with torch.enable_grad():
-                out = model(*xs)
-                losses = _per_sample_losses(loss_fn, out, y)
-                outputs = [(t, o) for t in taps if (o := t.direct()) is not None]
-                unique = list({id(t): t for t in targets}.values())
-                inputs = unique + [o for _, o in outputs]
+                out = batch.call(model)
+                losses = loss.batched(model, batch, out)
+                direct = [(c, o) for t in taps if isinstance(t, _RuleTap) for c, o in t.direct()]
+                unique = list({id(t): t for t in st.targets}.values())
+                inputs = unique + [o for _, o in direct]
                 if inputs:
                     grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-                    for (t, _), g in zip(outputs, grads[len(unique):]):
-                        t.deferred = g
+                    for (c, _), g in zip(direct, grads[len(unique):]):
+                        c.delta = g
+                    if check is not None:
+                        pos = {id(t): k for k, t in enumerate(unique)}
+                        for i, p in enumerate(params):
+                            if id(p) in pos:
+                                g = grads[pos[id(p)]]
+                                check[i] = torch.zeros_like(p, dtype=dtypes[i]) if g is None else g.to(dtypes[i])
             for t in taps:
+                if t.no_grad and t.recomputed:
+                    raise ValueError(
+                        f"{type(t.module).__name__} runs under torch.utils.checkpoint with use_reentrant=True "
+                        "(its forward runs without gradients, then again inside the backward): per-sample "
+                        "statistics cannot be taken through it; use use_reentrant=False"
+                    )
                 t.finish()
         finally:
             for h in handles:
                 h.remove()
-        again = {i for t in taps if t.calls > 1 for i in t.owned.values()}
+        self._last_unsplittable = set(st.unsplittable)
+        self._last_losses = losses.detach()
+        for i, why in st.unsplittable.items():
+            self._warn_once(plan.names[i], why)
+        return self._collect(params, dtypes, st, losses, segments)
+
+    def _collect(self, params: list[Tensor], dtypes: list[torch.dtype], st: _State, losses: Tensor,
+                 segments: list[int]) -> list[tuple[list[Tensor], list[Tensor], Tensor]]:
+        losses = losses.detach().to(acc_dtype(losses.dtype))
+        seg_losses = [part.mean() for part in losses.split(segments)]
+        per_sample = {i: g.split(segments) for i, g in st.per_sample.items()}
         outs = []
-        losses = losses.detach().to(_acc_dtype(losses.dtype))
-        if equal:
-            seg_losses = losses.view(len(segments), -1).mean(1).unbind()
-        else:
-            seg_losses = [part.mean() for part in losses.split(segments)]
         for seg in range(len(segments)):
             means, m2s = [], []
-            for i, (p, r) in enumerate(zip(params, results[seg])):
-                if r is None or i in again:  # unused here, or left to the fallback
+            for i, p in enumerate(params):
+                r = st.results[seg][i]
+                if i in per_sample:
+                    g = per_sample[i][seg]
+                    mean = g.mean(0)
+                    dev = g - mean
+                    r = (mean, (g * g).sum(0) if st.sq else (dev * dev).sum(0))
+                elif r is None:  # not used by this forward (or left to the fallback): no gradient
                     r = (torch.zeros_like(p, dtype=dtypes[i]), torch.zeros_like(p, dtype=dtypes[i]))
                 means.append(r[0])
                 m2s.append(r[1])
             outs.append((means, m2s, seg_losses[seg]))
-        return outs, again  # type: ignore[return-value]
+        return outs
 
+    _last_unsplittable: set[int] = set()
 
-def _to(t: Tensor, device: torch.device) -> Tensor:
-    return t if t.device == device else t.to(device, non_blocking=True)
+    def _verify(self, model: nn.Module, params: list[Tensor], plan: _Plan, batch: ParsedBatch, loss: PerSampleLoss) -> None:
+        """Check the plan against autograd on ``batch`` (see the module docstring); mark it verified."""
+        check: dict[int, Tensor] = {}
+        out = self._pass(model, params, plan, batch, [batch.n], loss, False, check=check)[0]
+        bad = []
+        scale = max((float(g.norm()) for g in check.values()), default=0.0)
+        for i, g in check.items():
+            if i in plan.whole or i in self._last_unsplittable:
+                continue
+            total = out[0][i] * batch.n
+            err = float((total - g).norm())
+            if err > _VERIFY_RTOL * float(g.norm()) + 1e-6 * scale:
+                bad.append(i)
+        for i in bad:
+            plan.whole.add(i)
+            self._warn_once(plan.names[i], "its per-layer gradients do not add up to autograd's gradient (the "
+                            "parameter is used outside its layer's forward, or a hook changes the layer's output)")
+        if batch.n > 1:
+            together = self._last_losses[0]
+            with torch.no_grad():
+                one = batch.slice(0, 1)
+                alone = loss.batched(model, one, one.call(model))[0]
+            if not torch.allclose(alone.float(), together.float(), rtol=_ALONE_RTOL, atol=1e-5):
+                plan.whole.update(range(len(params)))
+                self._warn_once("*", "a sample's loss alone differs from its loss in the batch: the model's samples "
+                                "interact, so every statistic is computed one sample at a time (torch.func.vmap)")
+        plan.verified = True
 
-
-def _concatenable(parsed: list[tuple[tuple[Tensor, ...], Tensor, int]]) -> bool:
-    def same(ts: list[Tensor]) -> bool:
-        return all(t.dtype == ts[0].dtype and t.shape[1:] == ts[0].shape[1:] for t in ts)
-
-    if len({len(xs) for xs, _, _ in parsed}) != 1:
-        return False
-    return all(same(list(col)) for col in zip(*(xs for xs, _, _ in parsed))) and same([y for _, y, _ in parsed])
-
-
-def _per_sample_losses(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:
-    if loss_fn is F.cross_entropy:  # the default: skip vmap's overhead
-        return F.cross_entropy(out, y, reduction="none")
-    def one(o: Tensor, t: Tensor) -> Tensor:
-        return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
-
-    try:
-        return vmap(one)(out, y)
-    except (RuntimeError, NotImplementedError):  # a loss vmap cannot batch: one sample at a time
-        return torch.stack([one(out[k], y[k]) for k in range(y.shape[0])])
+    def _warn_once(self, name: str, why: str) -> None:
+        if (name, why) in self._warned:
+            return
+        self._warned.add((name, why))
+        what = "every parameter" if name == "*" else f"parameter {name!r}"
+        warnings.warn(f"HookEngine: {what} goes to the whole-model fallback: {why}", RuntimeWarning, stacklevel=4)

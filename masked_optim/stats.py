@@ -16,30 +16,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol, Union
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from .batches import Batch, ParsedBatch, parse_batch
+from .losses import PerSampleLoss
 
 __all__ = [
     "Batch",
     "GradStats",
+    "acc_dtype",
     "StatsEngine",
     "VmapEngine",
     "chan_merge",
     "chunk_moments",
     "eval_behaviour",
+    "merge_into",
+    "param_names",
     "per_sample_grad_stats",
     "unwrap_model",
     "validate_batch",
 ]
 
-Batch = tuple[Union[Tensor, Sequence[Tensor]], Tensor]
-"""``(inputs, targets)``: ``inputs`` is a tensor or a tuple of tensors, all with leading size ``n``."""
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Any, Tensor], Tensor]
 
 DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of per-sample gradients held at once
 
@@ -92,7 +94,7 @@ def chan_merge(a: GradStats, b: GradStats) -> GradStats:
     return GradStats(n, mean, m2, loss)
 
 
-def _merge_into(acc: GradStats, n_c: int, means: list[Tensor], m2s: list[Tensor], loss: Tensor) -> None:
+def merge_into(acc: GradStats, n_c: int, means: list[Tensor], m2s: list[Tensor], loss: Tensor) -> None:
     """In-place Chan merge of one chunk into a running accumulator (avoids reallocations)."""
     if acc.n == 0:
         acc.n, acc.mean, acc.m2, acc.loss = n_c, means, m2s, loss
@@ -109,28 +111,12 @@ def _merge_into(acc: GradStats, n_c: int, means: list[Tensor], m2s: list[Tensor]
 
 
 def validate_batch(batch: Batch, name: str = "batch") -> tuple[tuple[Tensor, ...], Tensor, int]:
-    """Check a ``(inputs, targets)`` batch and return ``(inputs_tuple, targets, n)``.
-
-    Raises ``TypeError`` for a wrong structure and ``ValueError`` for empty batches or inputs and
-    targets whose leading sizes differ.
-    """
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"{name} must be an (inputs, targets) pair, got {type(batch).__name__}")
-    inputs, targets = batch
-    xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    if not xs or not all(isinstance(x, Tensor) for x in xs):
-        raise TypeError(f"{name} inputs must be a tensor or a non-empty tuple of tensors")
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"{name} targets must be a tensor, got {type(targets).__name__}")
-    if targets.dim() == 0 or any(x.dim() == 0 for x in xs):
-        raise ValueError(f"{name}: inputs and targets need a leading batch dimension")
-    n = targets.shape[0]
-    sizes = [x.shape[0] for x in xs]
-    if any(s != n for s in sizes):
-        raise ValueError(f"{name}: inputs have batch size {sizes} but targets have {n}")
-    if n == 0:
-        raise ValueError(f"{name} is empty (0 samples)")
-    return xs, targets, n
+    """Check an ``(inputs, targets)`` batch and return ``(inputs_tuple, targets, n)`` (kept for
+    callers of the tuple layout; :func:`~masked_optim.batches.parse_batch` takes mappings too)."""
+    parsed = parse_batch(batch, name)
+    if parsed.mapping:
+        raise TypeError(f"{name}: validate_batch takes (inputs, targets) pairs; use parse_batch for mappings")
+    return parsed.args, parsed.targets, parsed.n
 
 
 # torch.nn modules whose forward never reads ``training`` (exact types: a subclass may)
@@ -188,7 +174,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of statistics of a ``dtype`` parameter."""
     # float32 at least; float64 parameters keep float64 (cached: promote_types is an operator call)
     acc = _ACC_DTYPES.get(dtype)
     if acc is None:
@@ -227,7 +214,7 @@ class VmapEngine:
     def _chunk(self, params: Sequence[Tensor], n: int) -> int:
         if self.chunk_size is not None:
             return min(self.chunk_size, n)
-        per_sample = sum(p.numel() * _acc_dtype(p.dtype).itemsize for p in params)
+        per_sample = sum(p.numel() * acc_dtype(p.dtype).itemsize for p in params)
         if per_sample > self.memory_budget:
             raise MemoryError(
                 f"one sample's gradients need {per_sample / 2**20:.1f} MiB but memory_budget is "
@@ -239,31 +226,37 @@ class VmapEngine:
     def __call__(
         self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None
     ) -> GradStats:
-        loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-        xs, y, n = validate_batch(batch)
-        names = _param_names(model, params)
-        device = params[0].device if params else y.device
-        xs = tuple(x.to(device, non_blocking=True) for x in xs)
-        y = y.to(device, non_blocking=True)
+        loss = loss_fn if isinstance(loss_fn, PerSampleLoss) else PerSampleLoss(loss_fn)
+        names = param_names(model, params)
+        device = params[0].device if params else None
+        parsed = parse_batch(batch)
+        if device is not None:
+            parsed = parsed.to(device)
+        n = parsed.n
+        one_loss = loss.for_one(model, parsed)
+        a_dims, kw_dims = parsed.in_dims()
 
         wanted = {id(p) for p in params}
         consts = {k: v.detach() for k, v in model.named_parameters() if id(v) not in wanted}
         consts.update({k: v for k, v in model.named_buffers()})
         theta = {name: p.detach() for name, p in zip(names, params)}
 
-        def sample_loss(th: dict[str, Tensor], x: tuple[Tensor, ...], target: Tensor) -> tuple[Tensor, Tensor]:
-            out = functional_call(model, (th, consts), tuple(xi.unsqueeze(0) for xi in x))
-            loss = loss_fn(out, target.unsqueeze(0))
-            return loss, loss.detach()
+        def sample_loss(th: dict[str, Tensor], args: tuple, kwargs: dict, target: Tensor) -> tuple[Tensor, Tensor]:
+            a1 = tuple(a.unsqueeze(0) if d == 0 else a for a, d in zip(args, a_dims))
+            kw1 = {k: v.unsqueeze(0) if kw_dims[k] == 0 else v for k, v in kwargs.items()}
+            out = functional_call(model, (th, consts), a1, kw1)
+            value = one_loss(out, target.unsqueeze(0))
+            return value, value.detach()
 
-        per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
-        acc = GradStats(0, [], [], torch.zeros((), device=device))
+        per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, a_dims, kw_dims, 0))
+        acc = GradStats(0, [], [], torch.zeros((), device=parsed.targets.device))
         chunk = self._chunk(params, n)
         with eval_behaviour(model):
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
                 try:
-                    grads, losses = per_sample(theta, tuple(x[start:stop] for x in xs), y[start:stop])
+                    part = parsed.slice(start, stop)
+                    grads, losses = per_sample(theta, part.args, part.kwargs, part.targets)
                 except (RuntimeError, NotImplementedError) as err:
                     raise RuntimeError(
                         f"per-sample gradients could not be computed with torch.func.vmap: {err}. Check "
@@ -273,17 +266,17 @@ class VmapEngine:
                 means, m2s = [], []
                 for name, p in zip(names, params):
                     g = grads[name]
-                    if g.dtype != _acc_dtype(p.dtype):
-                        g = g.to(_acc_dtype(p.dtype))
+                    if g.dtype != acc_dtype(p.dtype):
+                        g = g.to(acc_dtype(p.dtype))
                     mu, m2 = chunk_moments(g)
                     means.append(mu)
                     m2s.append(m2)
                 del grads
-                _merge_into(acc, stop - start, means, m2s, losses.float().mean())
+                merge_into(acc, stop - start, means, m2s, losses.float().mean())
         return acc
 
 
-def _param_names(model: nn.Module, params: Sequence[Tensor]) -> list[str]:
+def param_names(model: nn.Module, params: Sequence[Tensor]) -> list[str]:
     by_id = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), name)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from masked_optim import HookEngine, ProbablyAlignedSGD, VmapEngine
-from masked_optim import hooks
+from masked_optim import hooks, rules
 from masked_optim.hooks import supports
 
 from .helpers import loop_moments
@@ -103,11 +103,11 @@ def _setup(name, n=10, seed=0):
 ])
 def test_hooks_equal_vmap_and_loop(name, chunk, per_sample_loop, gram, monkeypatch):
     if per_sample_loop is True:  # the one-sample-at-a-time accumulation used for large layers on CPU
-        monkeypatch.setattr(hooks, "_CACHE_RESIDENT", 0)
+        monkeypatch.setattr(rules, "_CACHE_RESIDENT", 0)
     if per_sample_loop == "in_hook":  # large layers: rules run inside the backward, not after it
         monkeypatch.setattr(hooks, "_DEFER_MAX", 0)
     if gram is not None:  # the Gram form of Σ_b g_b² for every contraction length, or for none
-        monkeypatch.setattr(hooks, "_GRAM_MAX_INNER", 0 if gram == "never" else 10**6)
+        monkeypatch.setattr(rules, "_GRAM_MAX_INNER", 0 if gram == "never" else 10**6)
     model, x, y = _setup(name)
     params = list(model.parameters())
     fast = HookEngine(chunk_size=chunk)(model, params, (x, y))
@@ -136,10 +136,31 @@ def test_supported_layer_set():
 
 
 @pytest.mark.parametrize("name", ["mixed", "twice", "tied"])
-def test_strict_mode_refuses_unsupported(name):
+def test_strict_mode_needs_no_whole_model_fallback(name):
+    """Unknown layers (per-layer fallback), a layer called twice and a tied weight (per-sample
+    gradients summed over uses) need no whole-model vmap: equal to a per-sample loop without one."""
     model, x, y = _setup(name)
-    with pytest.raises(ValueError, match="does not support"):
-        HookEngine(fallback=None)(model, list(model.parameters()), (x, y))
+    params = list(model.parameters())
+    got = HookEngine(fallback=None)(model, params, (x, y))
+    _, lm, lq = loop_moments(model, params, x, y)
+    for i in range(len(params)):
+        torch.testing.assert_close(got.mean[i].double(), lm[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.m2[i].double(), lq[i], rtol=1e-4, atol=1e-6)
+
+
+def test_strict_mode_refuses_what_only_the_whole_model_fallback_can_do():
+    class Reuse(nn.Module):  # the embedding matrix used outside the Embedding's forward
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+
+        def forward(self, t):
+            return self.emb(t).mean(1) @ self.emb.weight.T
+
+    torch.manual_seed(0)
+    model = Reuse()
+    with pytest.warns(RuntimeWarning, match="emb.weight"), pytest.raises(ValueError, match="emb.weight"):
+        HookEngine(fallback=None)(model, list(model.parameters()), (torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6,))))
 
 
 def test_hooks_removed_and_state_unchanged_even_on_error():
@@ -247,21 +268,25 @@ def test_frozen_first_layer_and_bias_free_layers():
     torch.testing.assert_close(fast.m2[0].double(), lq[0], rtol=1e-4, atol=1e-6)
 
 
-def test_pair_sq_holds_square_sums():
-    """``_pair_sq``: the means of ``pair`` and Σg² = M2 + n·μ² (float64 loop), also for parameters
-    left to the fallback; ``None`` when the batches do not go through one pass."""
+@pytest.mark.parametrize("engine, second", [
+    (HookEngine, None), (lambda: HookEngine(chunk_size=4), None), (HookEngine, "double"),
+])
+def test_pair_sq_holds_square_sums(engine, second):
+    """``pair(sq=True)``: the means of ``pair`` and Σg² = M2 + n·μ² (float64 loop), also for parameters
+    of the per-layer fallback, in one pass or (chunked, or inputs that differ in dtype) two."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), Scaled(7), nn.Tanh(), nn.Linear(7, 3))
     params = list(model.parameters())
     g = torch.Generator().manual_seed(1)
     fb = (torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g))
     rb = (torch.randn(9, 5, generator=g), torch.randint(0, 3, (9,), generator=g))
-    sf, sr = HookEngine()._pair_sq(model, params, fb, rb)
+    if second == "double":
+        model.double()
+        fb, rb = (fb[0].double(), fb[1]), (rb[0].double(), rb[1])
+    sf, sr = engine().pair(model, params, fb, rb, sq=True)
     for stats, batch in ((sf, fb), (sr, rb)):
         n, means, m2s = loop_moments(model, params, *batch)
         assert stats.n == n
         for mean, sq, ref_mean, ref_m2 in zip(stats.mean, stats.m2, means, m2s):
             torch.testing.assert_close(mean.double(), ref_mean, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(sq.double(), ref_m2 + n * ref_mean**2, atol=1e-6, rtol=1e-5)
-    assert HookEngine(chunk_size=4)._pair_sq(model, params, fb, rb) is None
-    assert HookEngine()._pair_sq(model, params, fb, (rb[0].double(), rb[1])) is None

@@ -11,15 +11,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..mask import RESCALE_MODES, RESCALE_SCOPES, Constraint, Term, _coeff, _keep, _keep_mixed, _masked_add_terms, \
     feasibility_mask, feasibility_masks, quantile, step_scale
 from ..certify import directional_derivatives, one_sided_test
+from ..batches import Batch, parse_batch
 from ..hooks import HookEngine
-from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, eval_behaviour, unwrap_model, validate_batch
+from ..losses import PerSampleLoss
+from ..stats import GradStats, StatsEngine, VmapEngine, acc_dtype, eval_behaviour, unwrap_model
 
 __all__ = ["DEFAULT", "Certificate", "StepDiagnostics", "ProbablyAlignedOptimizer"]
 
@@ -309,7 +310,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         defaults: dict[str, Any],
         *,
         model: nn.Module,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+        loss_fn: Callable[[Any, Tensor], Tensor] | str | None,
         confidence: float | None,
         forget_confidence: float | None,
         retain_confidence: float | None,
@@ -329,8 +330,7 @@ class ProbablyAlignedOptimizer(Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError("loss_fn must be callable(outputs, targets) -> scalar loss")
+        self._loss = PerSampleLoss(loss_fn)  # validates it
         if forget_weight < 0 or retain_weight < 0:
             raise ValueError("forget_weight and retain_weight must be non-negative")
         if retain_confidence is DEFAULT:
@@ -365,7 +365,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)
         self._model_param_ids = {id(p) for p in model.parameters()}
-        self._staged: tuple[Batch | None, Batch | None] = (None, None)
+        # a list, not a tuple attribute: wrappers that copy the optimizer's __dict__ (Lightning's
+        # LightningOptimizer) share it, so stage() through them reaches the next step
+        self._staging: list[Batch | None] = [None, None]
         self._raw_diag: _RawDiagnostics | None = None
         self._warned_unmasked = False
         self._warned_same_batch = False
@@ -427,10 +429,10 @@ class ProbablyAlignedOptimizer(Optimizer):
         ``step(closure)``). Batches passed to ``step`` directly take precedence; staged ones are
         used once."""
         if forget is not None:
-            validate_batch(forget, "forget")
+            parse_batch(forget, "forget")
         if retain is not None:
-            validate_batch(retain, "retain")
-        self._staged = (forget, retain)
+            parse_batch(retain, "retain")
+        self._staging[:] = [forget, retain]
 
     @property
     def diagnostics(self) -> StepDiagnostics | None:
@@ -461,18 +463,18 @@ class ProbablyAlignedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        staged_f, staged_r = self._staged
-        self._staged = (None, None)
+        staged_f, staged_r = self._staging
+        self._staging[:] = [None, None]
         forget = forget if forget is not None else staged_f
         retain = retain if retain is not None else staged_r
 
         # ---- validation: nothing below mutates anything until all checks have passed ----
-        parsed_f = validate_batch(forget, "forget") if forget is not None else None
-        parsed_r = validate_batch(retain, "retain") if retain is not None else None
-        n_f = parsed_f[2] if parsed_f is not None else 0
-        n_r = parsed_r[2] if parsed_r is not None else 0
+        parsed_f = parse_batch(forget, "forget") if forget is not None else None
+        parsed_r = parse_batch(retain, "retain") if retain is not None else None
+        n_f = parsed_f.n if parsed_f is not None else 0
+        n_r = parsed_r.n if parsed_r is not None else 0
         for name, b in (("check_forget", check_forget), ("check_retain", check_retain)):
-            if b is not None and validate_batch(b, name)[2] < 2 and self.certify is not None:
+            if b is not None and parse_batch(b, name).n < 2 and self.certify is not None:
                 raise ValueError(f"{name} needs at least 2 samples for the whole-update test")
         has_grad = False
         for group in self.param_groups:
@@ -501,8 +503,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         stat_params = self._stat_params()
         sq = False  # whether the statistics' m2 lists hold Σg² (see _pair_stats)
         if want_f and want_r and callable(getattr(self.engine, "pair", None)):
-            stats_f, stats_r, sq = self._pair_stats(stat_params, forget, retain, parsed_f, parsed_r)  # one pass
+            stats_f, stats_r, sq = self._pair_stats(stat_params, forget, retain)  # one pass
         else:
+            # engines get the batches as the caller gave them (a custom engine's contract)
             stats_f = self._stats(stat_params, forget) if want_f else None
             stats_r = self._stats(stat_params, retain) if want_r else None
         index = {id(p): i for i, p in enumerate(stat_params)}
@@ -675,12 +678,11 @@ class ProbablyAlignedOptimizer(Optimizer):
 
     def _batch_loss(self, batch: Batch) -> Tensor:
         """Mean loss of ``batch`` at the current parameters, in eval behaviour as the statistics are."""
-        xs, y, _ = validate_batch(batch)
         model = unwrap_model(self.model)
         dev = next(model.parameters()).device
-        loss_fn = self.loss_fn if self.loss_fn is not None else F.cross_entropy
+        parsed = parse_batch(batch).to(dev)
         with torch.no_grad(), eval_behaviour(model), torch.autocast(dev.type, enabled=False):
-            return loss_fn(model(*(x.to(dev) for x in xs)), y.to(dev))
+            return self._loss.mean(model, parsed, parsed.call(model))
 
     def _snapshot_state(self, work: list) -> dict[int, tuple[Tensor, dict[str, Any]]]:
         snap = {}
@@ -708,23 +710,18 @@ class ProbablyAlignedOptimizer(Optimizer):
 
     def _stats(self, params: list[Tensor], batch: Batch) -> GradStats:
         with self._engine_context(params):
-            return self.engine(unwrap_model(self.model), params, batch, self.loss_fn)
+            return self.engine(unwrap_model(self.model), params, batch, self._loss)
 
-    def _pair_stats(
-        self, params: list[Tensor], forget: Batch, retain: Batch, parsed_f: tuple, parsed_r: tuple
-    ) -> tuple[GradStats, GradStats, bool]:
-        """Statistics of both batches in one pass, and whether their ``m2`` lists hold ``Σg²``: an engine
-        that offers it (``_pair_sq``) saves two passes over the statistics, and every test here is a
-        hard one (either sign of ``q``), which reads ``Σg²`` exactly with an adjusted threshold (_group_mask).
-        ``parsed_*``: the batches as ``validate_batch`` returned them."""
-        pair_sq = getattr(self.engine, "_pair_sq", None)
+    def _pair_stats(self, params: list[Tensor], forget: Batch, retain: Batch) -> tuple[GradStats, GradStats, bool]:
+        """Statistics of both batches in one pass, and whether their ``m2`` lists hold ``Σg²``: the hook
+        engine offers it, saving two passes over the statistics, and every test here is a hard one
+        (either sign of ``q``), which reads ``Σg²`` exactly with an adjusted threshold (_group_mask)."""
         model = unwrap_model(self.model)
         with self._engine_context(params):
-            if callable(pair_sq) and self._hard_tests_only():
-                out = pair_sq(model, params, parsed_f, parsed_r, self.loss_fn, validated=True)
-                if out is not None:
-                    return out[0], out[1], True
-            stats_f, stats_r = self.engine.pair(model, params, forget, retain, self.loss_fn)  # type: ignore[attr-defined]
+            if isinstance(self.engine, HookEngine) and self._hard_tests_only():
+                f, r = self.engine.pair(model, params, forget, retain, self._loss, sq=True)
+                return f, r, True
+            stats_f, stats_r = self.engine.pair(model, params, forget, retain, self._loss)  # type: ignore[attr-defined]
         return stats_f, stats_r, False
 
     def _hard_tests_only(self) -> bool:
@@ -746,7 +743,7 @@ class ProbablyAlignedOptimizer(Optimizer):
     def _directional(self, params: list[Tensor], tangents: list[Tensor], batch: Batch) -> Tensor:
         dev = params[0].device.type if params else "cpu"
         with torch.autocast(dev, enabled=False):
-            d = directional_derivatives(unwrap_model(self.model), params, tangents, batch, self.loss_fn)
+            d = directional_derivatives(unwrap_model(self.model), params, tangents, batch, self._loss)
         # a distributed engine gathers every rank's values: all ranks test the global batch
         gather = getattr(self.engine, "gather_samples", None)
         return gather(d) if gather is not None else d
@@ -831,7 +828,7 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     # NaN and ±Inf survive a sum (inf − inf is NaN): one parallel reduction per tensor, 5x faster on
     # CPU than an L1 norm, and one host sync for all. Only finite values summing past the float range
     # (~3e38) can fail it without a non-finite entry, so a failure is confirmed exactly.
-    sums = [t.sum(dtype=_acc_dtype(t.dtype)) for t in tensors]
+    sums = [t.sum(dtype=acc_dtype(t.dtype)) for t in tensors]
     if not sums:
         return True
     try:

@@ -57,6 +57,13 @@ _VERIFY_RTOL = 1e-3
 _ALONE_RTOL = 1e-3  # one sample's loss alone against in the batch
 
 
+_REENTRANT = (
+    "the model uses torch.utils.checkpoint with use_reentrant=True, whose layers run without gradients "
+    "and again inside the backward: per-sample statistics cannot be taken through it; use "
+    "use_reentrant=False (supported), or disable activation checkpointing for the statistics"
+)
+
+
 def _in_backward() -> bool:
     """Whether autograd is running a backward (a checkpointed layer being recomputed)."""
     return torch._C._current_graph_task_id() != -1
@@ -475,7 +482,12 @@ class HookEngine:
                 unique = list({id(t): t for t in st.targets}.values())
                 inputs = unique + [o for _, o in direct]
                 if inputs:
-                    grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+                    try:
+                        grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+                    except RuntimeError as err:
+                        if "use_reentrant=True" not in str(err):
+                            raise
+                        raise ValueError(_REENTRANT) from err
                     for (c, _), g in zip(direct, grads[len(unique):]):
                         c.delta = g
                     if check is not None:
@@ -486,11 +498,7 @@ class HookEngine:
                                 check[i] = torch.zeros_like(p, dtype=dtypes[i]) if g is None else g.to(dtypes[i])
             for t in taps:
                 if t.no_grad and t.recomputed:
-                    raise ValueError(
-                        f"{type(t.module).__name__} runs under torch.utils.checkpoint with use_reentrant=True "
-                        "(its forward runs without gradients, then again inside the backward): per-sample "
-                        "statistics cannot be taken through it; use use_reentrant=False"
-                    )
+                    raise ValueError(f"{type(t.module).__name__}: {_REENTRANT}")
                 t.finish()
         finally:
             for h in handles:

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .batches import Batch, ParsedBatch, concat, parse_batch
 from .losses import PerSampleLoss
-from .rules import Rule, rule_for, supports
+from .rules import Rule, SparseRows, rule_for, sum_sq, supports
 from .stats import GradStats, LossFn, StatsEngine, VmapEngine, acc_dtype, eval_behaviour, merge_into, param_names
 
 __all__ = ["HookEngine", "supports"]
@@ -94,16 +94,30 @@ class _State:
         self.equal = len(segments) > 1 and segments.count(segments[0]) == len(segments)  # k equal segments
         self.results: list[list[tuple[Tensor, Tensor] | None]] = [[None] * nparams for _ in segments]
         self.per_sample: dict[int, Tensor] = {}  # summed over uses: [n, *shape]
+        self.sparse: dict[int, list[SparseRows]] = {}
         self.targets: list[Tensor] = []
         self.replaying = False
         self.unsplittable: dict[int, str] = {}  # param index -> why its layer's batch cannot be split
 
-    def add(self, i: int, g: Tensor) -> None:
+    def add(self, i: int, g: Tensor | SparseRows) -> None:
+        if isinstance(g, SparseRows):  # added into the dense sum of the other uses at the end
+            self.sparse.setdefault(i, []).append(g)
+            return
         acc = self.per_sample.get(i)
         if acc is None:
             self.per_sample[i] = g
         else:
             acc.add_(g)
+
+    def dense(self, i: int, shape: torch.Size) -> Tensor:
+        """Parameter ``i``'s per-sample gradients, summed over every use: ``[n, *shape]``."""
+        g = self.per_sample.get(i)
+        for rows in self.sparse.get(i, []):
+            if g is None:
+                g = rows.dense(self.n, shape)
+            else:
+                g.view(self.n * shape[0], *shape[1:]).index_add_(0, rows.index, rows.values)
+        return g
 
 
 class _Call:
@@ -513,7 +527,7 @@ class HookEngine:
                  segments: list[int]) -> list[tuple[list[Tensor], list[Tensor], Tensor]]:
         losses = losses.detach().to(acc_dtype(losses.dtype))
         seg_losses = [part.mean() for part in losses.split(segments)]
-        per_sample = {i: g.split(segments) for i, g in st.per_sample.items()}
+        per_sample = {i: st.dense(i, params[i].shape).split(segments) for i in set(st.per_sample) | set(st.sparse)}
         outs = []
         for seg in range(len(segments)):
             means, m2s = [], []
@@ -521,9 +535,9 @@ class HookEngine:
                 r = st.results[seg][i]
                 if i in per_sample:
                     g = per_sample[i][seg]
-                    mean = g.mean(0)
-                    dev = g - mean
-                    r = (mean, (g * g).sum(0) if st.sq else (dev * dev).sum(0))
+                    mean = g.sum(0).div_(g.shape[0])
+                    sq = sum_sq(g)
+                    r = (mean, sq if st.sq else _m2(mean, sq, g.shape[0]))
                 elif r is None:  # not used by this forward (or left to the fallback): no gradient
                     r = (torch.zeros_like(p, dtype=dtypes[i]), torch.zeros_like(p, dtype=dtypes[i]))
                 means.append(r[0])

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-__all__ = ["Rule", "register_rule", "rule_for", "supports"]
+__all__ = ["Rule", "SparseRows", "register_rule", "rule_for", "sum_sq", "supports"]
 
 Moments = dict[str, tuple[Tensor, Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------------
-def _sum_sq(g: Tensor) -> Tensor:
+def sum_sq(g: Tensor) -> Tensor:
     """Σ over dim 0 of g², without materialising g² (einsum reduces it as a batched product,
     2-3x faster on CPU than ``(g * g).sum(0)``)."""
     flat = g.reshape(g.shape[0], -1)
@@ -90,7 +90,7 @@ def _per_sample_moments(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     per_sample = left[0].shape[:-1].numel() * right.shape[-1]
     if left.device.type != "cpu" or b * per_sample <= _CACHE_RESIDENT:
         g = torch.matmul(left, right)
-        return g.sum(0), _sum_sq(g)
+        return g.sum(0), sum_sq(g)
     return _accumulate(torch.matmul(left[k], right[k]) for k in range(b))
 
 
@@ -256,15 +256,27 @@ def _hf_conv1d_per_sample(m: nn.Module, a: Tensor, d: Tensor) -> dict[str, Tenso
     return out
 
 
-def _embedding_per_sample(m: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, Tensor]:
+@dataclasses.dataclass(frozen=True)
+class SparseRows:
+    """Per-sample gradients given by rows: ``g.view(n * rows, -1)[index] += values`` (an embedding
+    touches only the rows of its sample's tokens), added into the other uses' dense gradients."""
+
+    index: Tensor
+    values: Tensor
+
+    def dense(self, n: int, shape: torch.Size) -> Tensor:
+        g = self.values.new_zeros(n * shape[0], *shape[1:])
+        return g.index_add_(0, self.index, self.values).view(n, *shape)
+
+
+def _embedding_per_sample(m: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, Tensor | SparseRows]:
     b, dim, vocab = idx.shape[0], d.shape[-1], m.num_embeddings
     idx = idx.reshape(b, -1)
     d = d.reshape(b, -1, dim)
     if m.padding_idx is not None:
         d = d * (idx != m.padding_idx).unsqueeze(-1).to(d.dtype)
     rows = (torch.arange(b, device=idx.device).unsqueeze(1) * vocab + idx).reshape(-1)
-    g = torch.zeros(b * vocab, dim, dtype=d.dtype, device=d.device).index_add_(0, rows, d.reshape(-1, dim))
-    return {"weight": g.view(b, vocab, dim)}
+    return {"weight": SparseRows(rows, d.reshape(-1, dim))}
 
 
 def _conv_per_sample(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, Tensor]:
@@ -338,7 +350,12 @@ _BY_NAME: dict[str, Rule] = {}  # "module.QualName" of classes from packages not
 
 def _moments_from(per_sample: Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]):
     def moments(m: nn.Module, a: Tensor, d: Tensor) -> Moments:
-        return {k: (g.sum(0), _sum_sq(g)) for k, g in per_sample(m, a, d).items()}
+        out = {}
+        for k, g in per_sample(m, a, d).items():
+            if isinstance(g, SparseRows):
+                g = g.dense(a.shape[0], getattr(m, k).shape)
+            out[k] = (g.sum(0), sum_sq(g))
+        return out
     return moments
 
 
@@ -361,7 +378,7 @@ def register_rule(
     ``"module.QualName"`` when its package should not be imported — and return it.
 
     ``moments(module, a, δ)`` returns ``{name: (Σ_k g_k, Σ_k g_k²)}`` and ``per_sample(module, a, δ)``
-    returns ``{name: g}`` with ``g`` of shape ``[n, *param.shape]``; ``a`` is the layer's first input
+    returns ``{name: g}`` with ``g`` of shape ``[n, *param.shape]`` (or :class:`SparseRows`); ``a`` is the layer's first input
     (positional or keyword) and ``δ`` the gradient of its output, both with the samples on dim 0, in
     float32 at least. Give either; the other is derived (one sample at a time, or from the stacked
     gradients). Every statistic the hook engine uses is checked against autograd when a model is

@@ -345,8 +345,31 @@ MODELS = {
 }
 
 
+# HuggingFace models from tiny random configs (no download), dict batches {"input_ids", "attention_mask",
+# "labels"}: the layout HF trainers pass; timed by bench_step (not bench_stats: the vmap engine
+# cannot batch transformers' attention-mask code)
+HF_MODELS = {
+    "gpt2": {"desc": "GPT-2 LM, 2 layers, width 128, 2 heads, vocab 1000, sequences of 64 (tied embedding)",
+             "seq": 64, "vocab": 1000, "batch": {"cpu": 8, "cuda": 64}},
+    "bert": {"desc": "BERT sequence classification, 2 layers, width 128, 2 heads, vocab 1000, sequences of 64",
+             "seq": 64, "vocab": 1000, "batch": {"cpu": 8, "cuda": 64}},
+}
+
+
 def build_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
+    if name in HF_MODELS:
+        import transformers
+
+        spec = HF_MODELS[name]
+        if name == "gpt2":
+            cfg = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=spec["vocab"],
+                                          n_positions=spec["seq"], bos_token_id=0, eos_token_id=0)
+            return transformers.GPT2LMHeadModel(cfg)
+        cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=2,
+                                      intermediate_size=512, vocab_size=spec["vocab"],
+                                      max_position_embeddings=spec["seq"], num_labels=10)
+        return transformers.BertForSequenceClassification(cfg)
     if name == "mlp":
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     if name == "cnn":
@@ -356,15 +379,24 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
-def make_batch(name: str, n: int, device: torch.device, seed: int) -> tuple[Tensor, Tensor]:
+def make_batch(name: str, n: int, device: torch.device, seed: int) -> Any:
     g = torch.Generator().manual_seed(seed)
+    if name in HF_MODELS:  # right-padded sequences of random lengths, padding masked (-100 for the LM)
+        spec = HF_MODELS[name]
+        length = spec["seq"]
+        ids = torch.randint(1, spec["vocab"], (n, length), generator=g)
+        lengths = torch.randint(length // 2, length + 1, (n,), generator=g)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+        ids = ids * mask
+        labels = ids.masked_fill(mask == 0, -100) if name == "gpt2" else torch.randint(0, 10, (n,), generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
     x = torch.randn((n, *MODELS[name]["input"]), generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     return x.to(device), y.to(device)
 
 
 def default_batch(name: str, device: torch.device) -> int:
-    return MODELS[name]["batch"]["cuda" if device.type == "cuda" else "cpu"]
+    return {**MODELS, **HF_MODELS}[name]["batch"]["cuda" if device.type == "cuda" else "cpu"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -458,6 +490,9 @@ def log_to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def loss_neggrad_plus(model: nn.Module, forget: tuple[Tensor, Tensor], retain: tuple[Tensor, Tensor]) -> Tensor:
-    """NegGrad+: descent on the retain batch, ascent on the forget batch."""
+def loss_neggrad_plus(model: nn.Module, forget: Any, retain: Any) -> Tensor:
+    """NegGrad+: descent on the retain batch, ascent on the forget batch (HF dict batches: the
+    model's own loss)."""
+    if isinstance(forget, dict):
+        return model(**retain).loss - model(**forget).loss
     return F.cross_entropy(model(retain[0]), retain[1]) - F.cross_entropy(model(forget[0]), forget[1])

@@ -37,7 +37,7 @@ from masked_optim import ProbablyAlignedSGD  # noqa: E402
 LR, MOMENTUM, WD = 1e-4, 0.9, 5e-4
 DEFAULT_ENGINES = ("vmap", "hooks")
 MASKS: dict[str, dict[str, Any]] = {"defaults": {}, "strict": {"confidence": 0.95, "rescale": None}}
-QUICK_BATCH = {"mlp": 16, "cnn": 8, "resnet18": 4}
+QUICK_BATCH = {"mlp": 16, "cnn": 8, "resnet18": 4, "gpt2": 4, "bert": 4}
 
 
 def make_variant(kind: str, engine: Any, model: torch.nn.Module, forget, retain, mask: str = "defaults"):
@@ -75,6 +75,18 @@ def _setup(model_name: str, batch: int, device: torch.device):
     return model, forget, retain
 
 
+def _routes(opt: Any) -> dict[str, float] | None:
+    """Share of parameter elements on each route of a hook engine's plan after its steps (rules,
+    per-layer fallback, whole-model fallback); ``None`` for other engines."""
+    engine = opt.engine
+    if not hasattr(engine, "routes"):
+        return None
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    total = sum(p.numel() for p in params)
+    r = engine.routes(opt.model, params)
+    return {k: sum(params[i].numel() for i in v) / total for k, v in r.items()}
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Fresh-process peak memory of one variant (CPU)."""
     torch.set_num_threads(spec["threads"])
@@ -104,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             resolved[name] = eng
         else:
             C.log_to_stderr(f"[step] skipping engine {name!r}: {desc}")
-    models = C.parse_list(args.models, ["mlp", "cnn"] if args.quick else list(C.MODELS))
+    models = C.parse_list(args.models, ["mlp", "cnn"] if args.quick else [*C.MODELS, *C.HF_MODELS])
     repeats = args.repeats or (2 if args.quick else 7)
     target = 0.0 if args.quick else 0.25
     out: dict[str, Any] = {}
@@ -134,10 +146,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             name: {"b/a": C.ratio_stats(timing, f"b[{name}]", "a"), "c/a": C.ratio_stats(timing, f"c[{name}]", "a")}
             for name in ok
         }
-        kept = {}
+        kept, routes = {}, {}
         for name in ok:
-            d = steps[f"b[{name}]"].opt.diagnostics
+            opt = steps[f"b[{name}]"].opt
+            d = opt.diagnostics
             kept[name] = None if d is None else d.kept_fraction
+            routes[name] = _routes(opt)
         memory: dict[str, Any] = {}
         if not args.no_memory:
             mem_variants = list(steps)
@@ -154,13 +168,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     memory[v] = C.run_child(Path(__file__), spec)
         out[model_name] = {
-            "desc": C.MODELS[model_name]["desc"],
+            "desc": {**C.MODELS, **C.HF_MODELS}[model_name]["desc"],
             "params": C.count_params(base),
             "batch_forget": batch,
             "batch_retain": batch,
             "timing": {k: {kk: vv for kk, vv in v.items()} for k, v in timing.items()},
             "ratios": ratios,
             "kept_fraction_last_b_step": kept,
+            "parameter_elements_by_route": routes,
             "memory": memory,
             "engine_errors": errors,
         }
@@ -185,8 +200,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(payload: dict[str, Any]) -> str:
     """Markdown table of the step ratios and peak memory."""
-    rows = ["| model | B | engine | a: plain (ms) | b/a | c/a | peak mem a / b / c (MiB) | kept (b) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | B | engine | a: plain (ms) | b/a | c/a | peak mem a / b / c (MiB) | kept (b) | rules / layer / whole |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, m in payload["models"].items():
         a_ms = m["timing"]["a"]["median_s"] * 1e3
         for eng, r in m["ratios"].items():
@@ -195,12 +210,16 @@ def table(payload: dict[str, Any]) -> str:
                 mm = m["memory"].get(v)
                 mems.append("–" if not mm or "peak_delta_mib" not in mm else f"{mm['peak_delta_mib']:.0f}")
             kept = m["kept_fraction_last_b_step"].get(eng)
+            rt = m.get("parameter_elements_by_route", {}).get(eng)
+            routes = "–" if not rt else " / ".join(f"{rt[k]:.0%}" for k in ("rules", "layer", "whole"))
             rows.append(f"| {name} | {m['batch_forget']} | {eng} | {a_ms:.2f} | {r['b/a']['median']:.2f}× | "
                         f"{r['c/a']['median']:.2f}× | {' / '.join(mems)} | "
-                        f"{'–' if kept is None else f'{kept:.1%}'} |")
+                        f"{'–' if kept is None else f'{kept:.1%}'} | {routes} |")
     rows += ["", "b/a, c/a: median of per-repeat ratios. Peak mem: extra memory of one step above the steady "
              "state (CPU: peak RSS, fresh process per variant; a few MiB is within the C allocator's noise). "
-             "kept: fraction of coordinates the mask kept in the last b step."]
+             "kept: fraction of coordinates the mask kept in the last b step. rules / layer / whole: share of "
+             "parameter elements whose statistics come from layer rules, the per-layer fallback and the "
+             "whole-model (vmap) fallback."]
     unavailable = [f"{k}: {v['reason']}" for k, v in payload["engines"].items() if not v["available"]]
     unavailable += [f"{k} on {name}: {e}" for name, m in payload["models"].items()
                     for k, e in m.get("engine_errors", {}).items()]

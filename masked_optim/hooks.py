@@ -386,6 +386,15 @@ class HookEngine:
         return {m: owned for m, (_, owned) in p.rules.items()}, sorted(
             {i for owned in p.layers.values() for i in owned.values()} | p.whole)
 
+    def routes(self, model: nn.Module, params: Sequence[Tensor]) -> dict[str, list[int]]:
+        """Each parameter's route by index: ``"rules"``, ``"layer"`` (the per-layer fallback) or
+        ``"whole"`` (the whole-model fallback). Verification only runs inside a call, so before the
+        first call every parameter is on the route its layer's type gives it."""
+        p = self._get_plan(model, list(params), list(model.modules()))
+        rules = {i for _, owned in p.rules.values() for i in owned.values()} - p.whole
+        layer = {i for owned in p.layers.values() for i in owned.values()} - p.whole - rules
+        return {"rules": sorted(rules), "layer": sorted(layer), "whole": sorted(p.whole)}
+
     def _get_plan(self, model: nn.Module, params: list[Tensor], modules: list[nn.Module]) -> _Plan:
         key = self._key(model, params, modules)
         if self._plan is not None and self._plan.key == key:

@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
          "retain": DataLoader(retain, batch_size=2 * args.batch, shuffle=True, drop_last=True)},
         mode="max_size_cycle",
     )
-    before = {"forget_acc_before": accuracy(net, x[is_f], y[is_f]), "retain_acc_before": accuracy(net, x[~is_f], y[~is_f])}
+    before = {"forget_acc_before": accuracy(net, x[is_f], y[is_f]),
+              "retain_acc_before": accuracy(net, x[~is_f], y[~is_f])}
 
     printer = PrintDiagnostics(args.quiet)
     trainer = pl.Trainer(

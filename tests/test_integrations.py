@@ -44,7 +44,8 @@ def _sequences(n: int, stride: int, seed: int, length: int = 12) -> dict[str, to
     g = torch.Generator().manual_seed(seed)
     ids = (torch.randint(1, VOCAB, (n, 1), generator=g) - 1 + stride * torch.arange(length)) % (VOCAB - 1) + 1
     mask = torch.arange(length) < torch.randint(length // 2, length + 1, (n, 1), generator=g)
-    return {"input_ids": ids.masked_fill(~mask, 0), "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
+    return {"input_ids": ids.masked_fill(~mask, 0), "attention_mask": mask.long(),
+            "labels": ids.masked_fill(~mask, -100)}
 
 
 class _PairDataset(Dataset):
@@ -263,10 +264,12 @@ def test_hf_callback_detach_restores_plain_steps(tmp_path):
     trainer = _GradDiff(model=model, args=_args(tmp_path), train_dataset=_PairDataset(8), data_collator=_collate,
                         optimizers=(opt, None))
     cb = MaskedUnlearningCallback().attach(trainer)
-    assert trainer.training_step is not Trainer.training_step.__get__(trainer)
+    assert trainer.training_step._masked_optim_callback is cb
     cb.detach()
-    assert "training_step" not in trainer.__dict__
+    assert "training_step" not in trainer.__dict__  # the class's method again
     assert not any(c is cb for c in trainer.callback_handler.callbacks)
+    again = MaskedUnlearningCallback().attach(trainer)  # a detached Trainer takes a new callback
+    assert trainer.training_step._masked_optim_callback is again
 
 
 # ------------------------------------------------------------------------------------------ PEFT LoRA

@@ -54,7 +54,7 @@ class MaskedUnlearningCallback(TrainerCallback):
             raise TypeError("split must be callable(inputs) -> (forget, retain)")
         self.forget_key, self.retain_key, self.split = forget_key, retain_key, split
         self._trainer: Trainer | None = None
-        self._original_step: Callable[..., Any] | None = None
+        self._own_step: Any = None  # an instance-level training_step the Trainer had before attach
 
     def attach(self, trainer: Trainer) -> MaskedUnlearningCallback:
         """Add this callback to ``trainer`` and stage batches from its training steps; returns ``self``."""
@@ -65,6 +65,7 @@ class MaskedUnlearningCallback(TrainerCallback):
         if getattr(trainer.training_step, "_masked_optim_callback", None) is not None:
             raise RuntimeError("the Trainer already has a MaskedUnlearningCallback attached")
         original = trainer.training_step  # bound: a Trainer subclass's own training_step is kept
+        own = trainer.__dict__.get("training_step")
 
         @functools.wraps(original)
         def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -75,7 +76,7 @@ class MaskedUnlearningCallback(TrainerCallback):
         trainer.training_step = training_step  # type: ignore[method-assign]
         if not any(cb is self for cb in trainer.callback_handler.callbacks):
             trainer.add_callback(self)
-        self._trainer, self._original_step = trainer, original
+        self._trainer, self._own_step = trainer, own
         return self
 
     def detach(self) -> None:
@@ -83,11 +84,13 @@ class MaskedUnlearningCallback(TrainerCallback):
         trainer = self._trainer
         if trainer is None:
             return
-        if trainer.__dict__.get("training_step") is not None:
-            del trainer.training_step  # back to the class's method
+        if self._own_step is not None:
+            trainer.training_step = self._own_step  # type: ignore[method-assign]
+        else:
+            trainer.__dict__.pop("training_step", None)  # back to the class's method
         if any(cb is self for cb in trainer.callback_handler.callbacks):
             trainer.remove_callback(self)
-        self._trainer = self._original_step = None
+        self._trainer = self._own_step = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Fail before the first step when the callback is not attached or the optimizer is not masked."""

@@ -17,7 +17,9 @@ from typing import Any
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides lightning
-    raise ImportError("masked_optim.integrations.lightning needs lightning: pip install 'masked-optim[lightning]'") from exc
+    raise ImportError(
+        "masked_optim.integrations.lightning needs lightning: pip install 'masked-optim[lightning]'"
+    ) from exc
 
 from ..optim import ProbablyAlignedOptimizer
 from . import unwrap_optimizer

@@ -219,17 +219,24 @@ class _RuleTap:
             call.delta = None
             if per_sample:
                 g = self.rule.per_sample(self.module, a, d)
+                self._check(g)
                 for name, i in self.owned.items():
-                    if name in g:
-                        st.add(i, g[name])
+                    st.add(i, g[name])
             else:
                 self._moments(a, d)
+
+    def _check(self, out: dict) -> None:
+        missing = [name for name in self.owned if name not in out]
+        if missing:  # a statistic no rule filled is an error, never zeros
+            raise ValueError(f"the rule for {type(self.module).__name__} returned no statistics for its "
+                             f"parameter(s) {missing}; a rule must fill every parameter it lists in params=")
 
     def _moments(self, a: Tensor, d: Tensor) -> None:
         st = self.state
         k, n = len(st.segments), st.segments[0]
         stacked = self.rule.segments(self.module, a, d, k) if st.equal and self.rule.segments else None
         if stacked is not None:  # every segment at once: [k, ...] means and Σg²
+            self._check(stacked)
             for name, (mean, sq) in stacked.items():
                 if name in self.owned:
                     m2 = sq if st.sq else _m2(mean, sq, n)
@@ -237,7 +244,9 @@ class _RuleTap:
                         st.results[seg][self.owned[name]] = moments
             return
         for seg, (a_s, d_s) in enumerate(zip(a.split(st.segments), d.split(st.segments))):
-            for name, (total, sq) in self.rule.moments(self.module, a_s, d_s).items():
+            out = self.rule.moments(self.module, a_s, d_s)
+            self._check(out)
+            for name, (total, sq) in out.items():
                 if name in self.owned:
                     mean = total.div_(a_s.shape[0])
                     st.results[seg][self.owned[name]] = (mean, sq if st.sq else _m2(mean, sq, a_s.shape[0]))

@@ -175,12 +175,26 @@ def test_unknown_layer_and_module_with_own_parameters_use_the_per_layer_fallback
     _check(model, *_data(), engine=engine)
 
 
+def test_a_rule_that_leaves_a_parameter_unfilled_is_an_error():
+    class NoBias(nn.Linear):
+        pass
+
+    register_rule(NoBias, lambda m, a, d: {"weight": (d.t() @ a, (d * d).t() @ (a * a))})
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(NoBias(5, 7), nn.Tanh(), nn.Linear(7, 4))
+        with pytest.raises(ValueError, match="no statistics for its parameter"):
+            HookEngine()(model, list(model.parameters()), _data())
+    finally:
+        _REGISTRY.pop(NoBias)
+
+
 def test_a_wrong_registered_rule_is_reported_not_used():
     class Half(nn.Linear):
         pass
 
-    def wrong(m, a, d):  # forgets the bias and halves the weight's gradient
-        return {"weight": (0.5 * d.t() @ a, 0.25 * (d * d).t() @ (a * a))}
+    def wrong(m, a, d):  # halves the weight's gradient and squares
+        return {"weight": (0.5 * d.t() @ a, 0.25 * (d * d).t() @ (a * a)), "bias": (d.sum(0), (d * d).sum(0))}
 
     register_rule(Half, wrong)
     try:

@@ -93,3 +93,45 @@ def test_mask_off_is_torch_optim_bit_for_bit(kind, opts, foreach):
             F.cross_entropy(model(x), y).backward()
             opt.step()
     _assert_same_state(ours, ref, ours_model, ref_model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. a torch.optim state dict loads and steps
+
+def _fr(step: int):
+    fx, fy = _data(step, 12)
+    rx, ry = _data(500 + step, 20)
+    return (fx, fy), (rx, ry)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_torch_optim_state_dict_loads_and_steps(kind):
+    model = _net()
+    torch_cls, cls, opts = (
+        (torch.optim.SGD, ProbablyAlignedSGD, dict(lr=0.05, momentum=0.9)) if kind == "sgd"
+        else (torch.optim.Adam, ProbablyAlignedAdam, dict(lr=0.01))
+    )
+    plain = torch_cls(model.parameters(), **opts)
+    for step in range(3):
+        x, y = _data(step)
+        plain.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        plain.step()
+    saved = plain.state_dict()
+    twin_model = _net()
+    twin_model.load_state_dict(model.state_dict())
+    ours = cls(model.parameters(), model=model, **opts)
+    ours.load_state_dict(saved)
+    # the reference: the same optimizer built directly, its state set by hand from torch's
+    twin = cls(twin_model.parameters(), model=twin_model, **opts)
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        twin.state[q] = {k: v.clone() for k, v in plain.state[p].items()}
+    assert [{k: v for k, v in g.items() if k != "params"} for g in ours.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in twin.param_groups]
+    for step in range(3):
+        fb, rb = _fr(step)
+        for opt in (ours, twin):
+            opt.zero_grad()
+            opt.step(forget=fb, retain=rb)
+    assert 0 < ours.diagnostics.kept_fraction < 1  # the mask ran and removed something
+    _assert_same_state(ours, twin, model, twin_model)

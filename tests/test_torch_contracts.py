@@ -135,3 +135,56 @@ def test_torch_optim_state_dict_loads_and_steps(kind):
             opt.step(forget=fb, retain=rb)
     assert 0 < ours.diagnostics.kept_fraction < 1  # the mask ran and removed something
     _assert_same_state(ours, twin, model, twin_model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. deepcopy and pickle keep the configuration
+
+def _configured(kind: str):
+    model = _net()
+    if kind == "sgd":
+        opt = ProbablyAlignedSGD(model.parameters(), lr=0.05, momentum=0.9, model=model, confidence=0.7,
+                                 retain_guard=0.5, rescale="count", forget_weight=0.5)
+    else:
+        opt = ProbablyAlignedAdam(model.parameters(), lr=0.01, model=model, certify=0.6, certify_tries=3,
+                                  rescale_scope="group", engine="vmap", quantile="t")
+    for step in range(2):
+        fb, rb = _fr(step)
+        opt.step(forget=fb, retain=rb)  # the statistics direction: no backward
+    return model, opt
+
+
+def _pickled(opt):
+    import pickle
+
+    return pickle.loads(pickle.dumps(opt))
+
+
+@pytest.mark.filterwarnings("ignore:certify reuses the retain batch")
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_copies_keep_the_configuration_and_step_identically(kind, how):
+    import copy
+
+    model, opt = _configured(kind)
+    twin = copy.deepcopy(opt) if how == "deepcopy" else _pickled(opt)
+    twin_model = twin.model
+    assert twin_model is not model
+    # the copy optimises its own model's parameters, which are the tensors of its param groups
+    assert [id(p) for p in twin_model.parameters()] == [id(p) for g in twin.param_groups for p in g["params"]]
+    for key in ("certify", "certify_policy", "certify_tries", "retain_guard", "forget_weight", "retain_weight"):
+        assert getattr(twin, key) == getattr(opt, key), key
+    assert type(twin.engine) is type(opt.engine)
+    assert twin.diagnostics == opt.diagnostics
+    for step in range(2, 5):
+        fb, rb = _fr(step)
+        for m, o in ((model, opt), (twin_model, twin)):
+            o.zero_grad()
+            if step == 3:  # the caller's direction as well as the statistics one
+                (F.cross_entropy(m(rb[0]), rb[1]) - F.cross_entropy(m(fb[0]), fb[1])).backward()
+            o.step(forget=fb, retain=rb)
+        assert twin.diagnostics == opt.diagnostics
+    assert opt.diagnostics.kept_fraction < 1
+    _assert_same_state(twin, opt, twin_model, model)
+    # the original is untouched by its copy: a copy's step never reaches the original's tensors
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(model.parameters(), twin_model.parameters()))

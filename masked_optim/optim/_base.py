@@ -400,8 +400,21 @@ class ProbablyAlignedOptimizer(Optimizer):
                     "parameters"
                 )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups (it drops its hooks on purpose);
+        # this optimizer's configuration lives in attributes (model, engine, certify, loss_fn, …), so
+        # a copy or a pickle without them could not step. Every attribute but torch's hooks travels;
+        # the ids of the model's parameters are recomputed for the copy's own model (__setstate__).
+        state = super().__getstate__()
+        for key, value in self.__dict__.items():
+            if not key.startswith("_optimizer_") and key != "_model_param_ids":
+                state.setdefault(key, value)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "model" in state:  # a copy or an unpickled optimizer: its own model's parameters
+            self._model_param_ids = {id(p) for p in self.model.parameters()}
         for group in self.param_groups:
             if "confidence" not in group:  # saved by torch.optim: this optimizer's own mask settings
                 for key in _MASK_KEYS:

@@ -188,3 +188,31 @@ def test_copies_keep_the_configuration_and_step_identically(kind, how):
     _assert_same_state(twin, opt, twin_model, model)
     # the original is untouched by its copy: a copy's step never reaches the original's tensors
     assert all(p.data_ptr() != q.data_ptr() for p, q in zip(model.parameters(), twin_model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. a rejected param group leaves the optimizer as it was
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [(dict(confidence=1.5), "confidence"), (dict(quantile="z"), "quantile"), (dict(rescale="len"), "rescale"),
+     (dict(max_scale=0.5), "max_scale"), (dict(fused=True), "fused")],
+)
+def test_rejected_param_group_leaves_the_optimizer_unchanged(bad, msg):
+    model = _net()
+    opt = ProbablyAlignedSGD(model[0].parameters(), lr=0.05, momentum=0.9, model=model)
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match=msg):
+        opt.add_param_group({"params": list(model[2].parameters()), **bad})
+    assert opt.param_groups == before
+    # the same parameters can still be added (they are not held by the rejected group), and it steps
+    opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.1})
+    before = [p.detach().clone() for p in model.parameters()]
+    fb, rb = _fr(0)
+    opt.step(forget=fb, retain=rb)
+    assert not opt.diagnostics.skipped and opt.diagnostics.kept_fraction > 0
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    groups = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match="not a parameter of `model`"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    assert opt.param_groups == groups

@@ -376,7 +376,14 @@ class ProbablyAlignedOptimizer(Optimizer):
         if "confidence" in param_group:  # a group's own confidence applies to both of its tests
             param_group = {"forget_confidence": None, "retain_confidence": None, **param_group}
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._validate_group(self.param_groups[-1])
+        except Exception:
+            # torch has appended the group already: a rejected group must not stay and break every step
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
         for key in ("confidence", "forget_confidence", "retain_confidence"):
             _validate_confidence(group[key], key)
         if group["quantile"] not in ("normal", "t"):

@@ -216,3 +216,60 @@ def test_rejected_param_group_leaves_the_optimizer_unchanged(bad, msg):
     with pytest.raises(ValueError, match="not a parameter of `model`"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
     assert opt.param_groups == groups
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. a parameter frozen after backward (requires_grad=False, .grad kept)
+
+def _neggrad(model, fb, rb):
+    (F.cross_entropy(model(rb[0]), rb[1]) - F.cross_entropy(model(fb[0]), fb[1])).backward()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_parameter_frozen_after_backward_is_updated_unmasked_like_torch_optim(foreach):
+    model, twin = _net(), _net()
+    opts = dict(lr=0.05, momentum=0.9, retain_guard=None, foreach=foreach)
+    ours = ProbablyAlignedSGD(model.parameters(), model=model, **opts)
+    # the reference: the masked optimizer over the other parameters, torch.optim over the frozen one
+    rest = [p for name, p in twin.named_parameters() if name != "0.weight"]
+    masked_ref = ProbablyAlignedSGD(rest, model=twin, **opts)
+    plain_ref = torch.optim.SGD([twin[0].weight], lr=0.05, momentum=0.9, foreach=foreach)
+    for step in range(3):
+        fb, rb = _fr(step)
+        for m in (model, twin):
+            m.zero_grad()
+            _neggrad(m, fb, rb)
+            m[0].weight.requires_grad_(False)
+        ours.step(forget=fb, retain=rb)
+        masked_ref.step(forget=fb, retain=rb)
+        plain_ref.step()
+        for m in (model, twin):
+            m[0].weight.requires_grad_(True)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        ref_state = (plain_ref if q is twin[0].weight else masked_ref).state[q]
+        assert torch.equal(ours.state[p]["momentum_buffer"], ref_state["momentum_buffer"])
+    # the frozen tensor counts as kept whole, the others as the reference's mask kept them
+    d, r = ours.diagnostics, masked_ref.diagnostics
+    n_frozen, n_rest = model[0].weight.numel(), sum(p.numel() for p in rest)
+    assert 0 < r.kept_fraction < 1
+    assert d.kept_fraction == pytest.approx((r.kept_fraction * n_rest + n_frozen) / (n_rest + n_frozen), abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:certify reuses the retain batch")
+@pytest.mark.parametrize("options", [dict(), dict(certify=0.6), dict(rescale_scope="global"), dict(soft=True)])
+def test_parameter_frozen_after_backward_on_every_path(options):
+    model = _net()
+    opt = ProbablyAlignedAdam(model.parameters(), lr=0.01, model=model, **options)
+    fb, rb = _fr(0)
+    _neggrad(model, fb, rb)
+    model[0].bias.requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(forget=fb, retain=rb)
+    d = opt.diagnostics
+    assert not d.skipped and d.step_fraction > 0
+    # Adam's first step moves every coordinate of an unmasked tensor by about lr (scaled by the
+    # guard's step fraction), and the mask holds some coordinates of the others back
+    moved = (model[0].bias - before[1]).abs()
+    assert torch.all(moved > 0)
+    assert d.kept_fraction < 1

@@ -172,8 +172,11 @@ class _GroupMask:
         defer: bool = False,
         m2_scratch: bool = False,
         rescale: Rescale | None = None,
+        free: frozenset[int] = frozenset(),
     ) -> None:
         self.forget, self.retain, self.soft, self.defer = forget, retain, soft, defer
+        # positions with no statistics (requires_grad=False, yet a .grad): updated unmasked, as torch.optim would
+        self.free = free
         self.m2_scratch = m2_scratch  # the second moments are the step's own (Σg²): the mask may overwrite them
         self.rescale = rescale
         # a length set over a group or every group needs all of their masks first
@@ -186,12 +189,17 @@ class _GroupMask:
     def shifted(self, delta: float) -> _GroupMask:
         """The same tests with every threshold raised by ``delta``."""
         return _GroupMask(
-            *(None if s is None else s.shifted(delta) for s in (self.forget, self.retain)), self.soft, rescale=self.rescale
+            *(None if s is None else s.shifted(delta) for s in (self.forget, self.retain)), self.soft, rescale=self.rescale,
+            free=self.free,
         )
 
     def apply_single(self, i: int, param: Tensor, u: Tensor, lr: float) -> None:
         if self.defer:
             self.pending.append((i, param, u.clone(), lr))
+            return
+        if i in self.free:  # torch.optim's own update (a mask of ones would round differently)
+            param.add_(u, alpha=-lr)
+            self.kept.append(torch.full((), u.numel(), dtype=torch.float64, device=u.device))
             return
         if self.rescale is not None:  # per-tensor length: the whole mask is needed before the update
             m = self.single(i, u, last=True)
@@ -199,7 +207,7 @@ class _GroupMask:
             how, _, cap = self.rescale
             param.addcmul_(u, m.mul_(step_scale([m], [u], how, cap)), value=-lr)
             return
-        if self._fused and u.numel() > _LAZY_MAX:  # cache-sized chunks on CPU
+        if self._fused and u.numel() > _LAZY_MAX and i not in self.free:  # cache-sized chunks on CPU
             terms = [side.terms[i] for side in (self.forget, self.retain) if side]
             self.kept.append(_masked_add_terms(param, u, terms, -lr))
             return
@@ -211,6 +219,10 @@ class _GroupMask:
     def apply_many(self, idx: Sequence[int], params: list[Tensor], us: list[Tensor], lr: float) -> None:
         if self.defer:
             self.pending.extend((i, p, u.clone(), lr) for i, p, u in zip(idx, params, us))
+            return
+        if self.free and not self.free.isdisjoint(idx):  # rare: not worth a foreach path of its own
+            for i, p, u in zip(idx, params, us):
+                self.apply_single(i, p, u, lr)
             return
         masks = self.many(idx, us)
         if self.rescale is not None:
@@ -225,6 +237,8 @@ class _GroupMask:
     def single(self, i: int, u: Tensor, last: bool = False) -> Tensor:
         """Parameter ``i``'s mask for ``u``; ``last``: no later call reads these statistics, so the
         step's own ``Σg²`` tensors may hold the temporaries."""
+        if i in self.free:
+            return torch.ones_like(u)
         if not self.soft:  # the terms as they are (no Constraint objects): the step's hot path
             sides = [side for side in (self.forget, self.retain) if side]
             if self._fused:
@@ -807,7 +821,10 @@ class ProbablyAlignedOptimizer(Optimizer):
         "confidently misaligned" drop rule for q < 0 — is μ² > q'²·Σg²/(n(n−1)) for
         q'² = q² / (1 + q²/(n−1)): the same mask, from the same operations."""
         sides: list[_Side | None] = []
-        idx = [index[id(p)] for p in params]
+        # a parameter frozen after backward (requires_grad=False, .grad kept) has no statistics:
+        # torch.optim still updates it from its .grad, and so does this optimizer, unmasked
+        idx = [index.get(id(p)) for p in params]
+        free = frozenset(j for j, i in enumerate(idx) if i is None)
         for side, stats, tested, sign in (("forget", stats_f, test_f, -1), ("retain", stats_r, test_r, 1)):
             c = self._effective(group, side)
             if not tested or c is None or stats is None:
@@ -816,11 +833,12 @@ class ProbablyAlignedOptimizer(Optimizer):
             q = quantile(c, stats.n, group["quantile"])
             if sq and q != 0:  # the same q' for either sign: both rules compare μ² with coeff·M2
                 q /= math.sqrt(1.0 + q * q / (stats.n - 1))
-            sides.append(_Side([stats.mean[i] for i in idx], [stats.m2[i] for i in idx], stats.n, q, sign))
+            sides.append(_Side(*([None if i is None else t[i] for i in idx] for t in (stats.mean, stats.m2)),
+                               stats.n, q, sign))
         if sides[0] is None and sides[1] is None:
             return None
         rescale = (group["rescale"], group["rescale_scope"], float(group["max_scale"])) if group["rescale"] else None
-        return _GroupMask(sides[0], sides[1], group["soft"], m2_scratch=sq, rescale=rescale)
+        return _GroupMask(sides[0], sides[1], group["soft"], m2_scratch=sq, rescale=rescale, free=free)
 
     def _update_group(
         self,

@@ -273,3 +273,61 @@ def test_parameter_frozen_after_backward_on_every_path(options):
     moved = (model[0].bias - before[1]).abs()
     assert torch.all(moved > 0)
     assert d.kept_fraction < 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. eval behaviour leaves a module with its own train() as it was
+
+class _SlowBN(nn.Module):
+    """A block whose train() changes its BatchNorm's momentum (0.1 training, 0 frozen in eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(20, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bn.momentum = 0.1 if mode else 0.0
+        return self
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(_SlowBN(), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 5))
+    with torch.no_grad():
+        model(torch.randn(64, 20))  # running statistics away from their initial values
+    return model
+
+
+def _modes(model):
+    return [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize("setup", ["train", "eval", "mixed"])
+def test_eval_behaviour_undoes_an_overridden_train(setup):
+    from masked_optim.stats import eval_behaviour
+
+    model = _bn_model()
+    if setup == "eval":
+        model.eval()
+    elif setup == "mixed":
+        model[0].eval()  # the caller froze the block: momentum 0, its BatchNorm in eval mode
+    modes, momentum = _modes(model), model[0].bn.momentum
+    assert momentum == (0.1 if setup == "train" else 0.0)
+    with eval_behaviour(model):
+        assert not any(_modes(model))
+        assert model[0].bn.momentum == 0.0
+    assert _modes(model) == modes and model[0].bn.momentum == momentum
+    # through a whole masked step: both engines' statistics and the retain guard's loss
+    running = [b.clone() for b in model.buffers()]
+    for engine in ("auto", "vmap"):
+        opt = ProbablyAlignedSGD(model.parameters(), lr=0.05, model=model, engine=engine)
+        fb, rb = _fr(0)
+        opt.step(forget=fb, retain=rb)
+        assert opt.diagnostics.direction == "stats" and not opt.diagnostics.skipped
+        assert _modes(model) == modes and model[0].bn.momentum == momentum
+        assert all(torch.equal(a, b) for a, b in zip(model.buffers(), running))

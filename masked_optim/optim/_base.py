@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..mask import RESCALE_MODES, RESCALE_SCOPES, Constraint, Term, _coeff, _keep, _keep_mixed, _masked_add_terms, \
-    feasibility_mask, feasibility_masks, quantile, step_scale
+from ..mask import RESCALE_MODES, RESCALE_SCOPES, Constraint, Term, _coeff, _keep, _keep_mixed, _finite, \
+    _masked_add_terms, feasibility_mask, feasibility_masks, quantile, step_scale
 from ..certify import directional_derivatives, one_sided_test
 from ..hooks import HookEngine
 from ..stats import Batch, GradStats, StatsEngine, VmapEngine, _acc_dtype, eval_behaviour, unwrap_model, validate_batch
@@ -205,14 +205,14 @@ class _GroupMask:
             m = self.single(i, u, last=True)
             self.kept.append(m.sum(dtype=torch.float64))
             how, _, cap = self.rescale
-            param.addcmul_(u, m.mul_(step_scale([m], [u], how, cap)), value=-lr)
+            param.addcmul_(_finite(u), m.mul_(step_scale([m], [u], how, cap)), value=-lr)
             return
         if self._fused and u.numel() > _LAZY_MAX and i not in self.free:  # cache-sized chunks on CPU
             terms = [side.terms[i] for side in (self.forget, self.retain) if side]
             self.kept.append(_masked_add_terms(param, u, terms, -lr))
             return
         m = self.single(i, u, last=True)
-        param.addcmul_(u, m, value=-lr)
+        param.addcmul_(_finite(u), m, value=-lr)
         # small masks are kept and counted only if the diagnostics are read
         self.kept.append(m if u.numel() <= _LAZY_MAX else m.sum())
 
@@ -232,7 +232,7 @@ class _GroupMask:
                 m.mul_(step_scale([m], [u], how, cap))
         else:
             self.kept.extend(torch._foreach_norm(masks, 1))
-        torch._foreach_addcmul_(params, us, masks, value=-lr)
+        torch._foreach_addcmul_(params, [_finite(u) for u in us], masks, value=-lr)
 
     def single(self, i: int, u: Tensor, last: bool = False) -> Tensor:
         """Parameter ``i``'s mask for ``u``; ``last``: no later call reads these statistics, so the
@@ -291,7 +291,7 @@ def _apply_pending(pending: Pending, ms: Sequence[Tensor]) -> None:
     """``θ ← θ − lr·s·m⊙u`` for every deferred update, recording the kept counts (before ``s``)."""
     for (gm, (_, p, u, lr)), m, s in zip(pending, ms, _scales(pending, ms)):
         gm.kept.append(m.sum(dtype=torch.float64))
-        p.addcmul_(u, m if s is None else m * s.to(m.device), value=-lr)
+        p.addcmul_(_finite(u), m if s is None else m * s.to(m.device), value=-lr)
 
 
 def _total(counts: list[Tensor]) -> Tensor:
@@ -649,7 +649,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor]]:
             shifted = {id(gm): gm.shifted(delta) if delta else gm for gm in masks if gm is not None}
             ms = [shifted[id(gm)].single(i, u) for gm, (i, _, u, _) in pending]
-            tangents = [m * u if s is None else m * u * s.to(m.device)
+            tangents = [m * _finite(u) if s is None else m * _finite(u) * s.to(m.device)
                         for m, (_, (_, _, u, _)), s in zip(ms, pending, _scales(pending, ms))]
             ok, t_r, t_f = True, None, None
             if check_retain is not None:  # ⟨m⊙u, g_r⟩ ≥ 0: the step does not raise the retain loss
@@ -693,7 +693,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         deltas = []
         for (gm, (_, p, u, lr)), m, s in zip(pending, ms, _scales(pending, ms)):
             gm.kept.append(m.sum(dtype=torch.float64))
-            d = u * (m if s is None else m * s.to(m.device))
+            d = _finite(u) * (m if s is None else m * s.to(m.device))
             p.add_(d, alpha=-lr)
             deltas.append((p, d, lr))
         limit = float(before) + float(self.retain_guard)

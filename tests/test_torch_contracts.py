@@ -419,3 +419,30 @@ def test_masked_add_and_soft_mask_ignore_non_finite_u_where_dropped(soft):
         masked_add_(theta, u, cons, -0.1)
         assert torch.equal(theta[[0, 7, n - 1]], before[[0, 7, n - 1]])
         assert torch.isfinite(theta).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. exact kept counts in low precision
+
+@pytest.mark.parametrize("rescale", [None, "norm"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_kept_counts_are_exact_for_bfloat16(foreach, rescale):
+    from .helpers import FixedEngine
+
+    torch.manual_seed(0)
+    # 80,000 weights (over the 65,536 counted lazily) and 5 biases; bfloat16 holds integers
+    # exactly only up to 256
+    model = nn.Sequential(nn.Linear(20, 4000), nn.Linear(4000, 5)).to(torch.bfloat16)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    frozen = [torch.rand(p.shape, generator=gen) < 0.3 for p in params]
+    opt = ProbablyAlignedSGD(params, lr=0.01, model=model, engine=FixedEngine(frozen), confidence=0.3,
+                             retain_guard=None, rescale=rescale, foreach=foreach)
+    for p in params:  # u = g, nowhere 0: exactly the coordinates FixedEngine marks are dropped
+        p.grad = (torch.rand(p.shape, generator=gen) + 0.5).to(torch.bfloat16)
+    fb, rb = _fr(0)
+    opt.step(forget=fb, retain=rb)
+    kept = [int(p.numel() - f.sum()) for p, f in zip(params, frozen)]
+    total = sum(p.numel() for p in params)
+    assert opt.diagnostics.kept_fraction == sum(kept) / total
+    assert opt.diagnostics.kept_fraction_per_group == [sum(kept) / total]

@@ -214,7 +214,7 @@ class _GroupMask:
         m = self.single(i, u, last=True)
         param.addcmul_(_finite(u), m, value=-lr)
         # small masks are kept and counted only if the diagnostics are read
-        self.kept.append(m if u.numel() <= _LAZY_MAX else m.sum())
+        self.kept.append(m if u.numel() <= _LAZY_MAX else _count(m))
 
     def apply_many(self, idx: Sequence[int], params: list[Tensor], us: list[Tensor], lr: float) -> None:
         if self.defer:
@@ -231,7 +231,7 @@ class _GroupMask:
             for m, u in zip(masks, us):
                 m.mul_(step_scale([m], [u], how, cap))
         else:
-            self.kept.extend(torch._foreach_norm(masks, 1))
+            self.kept.extend(_counts(masks))
         torch._foreach_addcmul_(params, [_finite(u) for u in us], masks, value=-lr)
 
     def single(self, i: int, u: Tensor, last: bool = False) -> Tensor:
@@ -292,6 +292,22 @@ def _apply_pending(pending: Pending, ms: Sequence[Tensor]) -> None:
     for (gm, (_, p, u, lr)), m, s in zip(pending, ms, _scales(pending, ms)):
         gm.kept.append(m.sum(dtype=torch.float64))
         p.addcmul_(_finite(u), m if s is None else m * s.to(m.device), value=-lr)
+
+
+def _count(m: Tensor) -> Tensor:
+    """Exact count of a 0/1 mask in any dtype (a bfloat16 sum rounds past 256: 6037 ones gave 6036).
+    A float32 sum of 0/1 values is exact below 2**24 elements and cheaper than float64."""
+    return m.sum(dtype=torch.float32 if m.numel() < 1 << 24 and m.dtype != torch.float64 else torch.float64)
+
+
+def _counts(masks: list[Tensor]) -> list[Tensor]:
+    """:func:`_count` of each mask, in one foreach reduction where torch has its float32 form."""
+    if masks and all(m.numel() < 1 << 24 and m.dtype != torch.float64 for m in masks):
+        try:
+            return list(torch._foreach_norm(masks, 1, dtype=torch.float32))
+        except (TypeError, RuntimeError):  # torch without the dtype argument
+            pass
+    return [_count(m) for m in masks]
 
 
 def _total(counts: list[Tensor]) -> Tensor:

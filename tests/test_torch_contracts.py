@@ -446,3 +446,59 @@ def test_kept_counts_are_exact_for_bfloat16(foreach, rescale):
     total = sum(p.numel() for p in params)
     assert opt.diagnostics.kept_fraction == sum(kept) / total
     assert opt.diagnostics.kept_fraction_per_group == [sum(kept) / total]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. certify's threshold over groups; diagnostics hold counts, not masks
+
+@pytest.mark.filterwarnings("ignore:certify reuses the retain batch")
+@pytest.mark.parametrize("quantiles, expected", [(("t", "normal"), "t"), (("normal", "t"), "t"),
+                                                 (("t", "t"), "t"), (("normal", "normal"), "normal")])
+def test_certify_uses_the_t_quantile_when_any_group_asks_for_it(quantiles, expected, monkeypatch):
+    from masked_optim.certify import one_sided_test
+    from masked_optim.optim import _base
+
+    kinds = []
+
+    def recording(d, confidence, kind="normal"):
+        kinds.append(kind)
+        return one_sided_test(d, confidence, kind)
+
+    monkeypatch.setattr(_base, "one_sided_test", recording)
+    model = _net()
+    groups = [{"params": list(model[0].parameters()), "quantile": quantiles[0]},
+              {"params": list(model[2].parameters()), "quantile": quantiles[1]}]
+    opt = ProbablyAlignedSGD(groups, lr=0.05, model=model, certify=0.9)
+    fb, rb = _fr(0)
+    opt.step(forget=fb, retain=rb)
+    assert kinds and set(kinds) == {expected}
+
+
+def _tensors(obj):
+    import dataclasses
+
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors(x)
+    elif dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name))
+
+
+@pytest.mark.parametrize("options", [dict(rescale=None, retain_guard=None), dict(retain_guard=None),
+                                     dict(foreach=True, rescale=None, retain_guard=None), dict(), dict(soft=True)])
+def test_diagnostics_hold_counts_not_masks(options):
+    model = _net()
+    opt = ProbablyAlignedAdam(model.parameters(), lr=0.01, model=model, **options)
+    fb, rb = _fr(0)
+    opt.step(forget=fb, retain=rb)
+    held = list(_tensors(opt._raw_diag))
+    assert held and all(t.dim() == 0 for t in held)  # until the next step: scalars only
+    # and they add up to the count of what moved (Adam moves every coordinate it keeps)
+    d = opt.diagnostics
+    assert 0 < d.kept_fraction < 1
+    if not options.get("soft") and d.step_fraction == 1:
+        moved = sum(int((p != q).sum()) for p, q in zip(model.parameters(), _net().parameters()))
+        assert d.kept_fraction == moved / sum(p.numel() for p in model.parameters())

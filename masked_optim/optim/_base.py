@@ -97,7 +97,7 @@ class _RawDiagnostics:
     skipped: bool
     reason: str | None
     direction: str
-    kept: list[list[Tensor] | None]  # per group: kept counts (0-dim) or masks, summed when read
+    kept: list[list[Tensor] | None]  # per group: kept counts (0-dim), summed when read
     total: list[int]
     n_forget: int
     n_retain: int
@@ -133,7 +133,7 @@ class _RawDiagnostics:
         )
 
 
-_LAZY_MAX = 1 << 16  # elements: masks up to this size are counted when diagnostics are read
+_LAZY_MAX = 1 << 16  # elements: larger tensors take the fused update (masked_add_) when it applies
 _GUARD_HALVINGS = 4  # retain_guard: 1, 1/2, …, 1/16 of the step, then none
 
 
@@ -213,8 +213,9 @@ class _GroupMask:
             return
         m = self.single(i, u, last=True)
         param.addcmul_(_finite(u), m, value=-lr)
-        # small masks are kept and counted only if the diagnostics are read
-        self.kept.append(m if u.numel() <= _LAZY_MAX else _count(m))
+        # a 0-dim count, summed only if the diagnostics are read: a mask held until the next step
+        # would keep a copy of every small parameter alive
+        self.kept.append(_count(m))
 
     def apply_many(self, idx: Sequence[int], params: list[Tensor], us: list[Tensor], lr: float) -> None:
         if self.defer:
@@ -659,7 +660,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         """Pick the smallest threshold shift whose masked step passes the whole-update tests, apply
         it (or nothing, for the "skip" policy) and report."""
         pending = _pending(masks)
-        kind = "t" if all(g["quantile"] == "t" for g in self.param_groups) else "normal"
+        # one test of the whole step, so one threshold: Student-t (the exact small-sample rule, for
+        # c > 0.5 the stricter one) as soon as any group asks for it
+        kind = "t" if any(g["quantile"] == "t" for g in self.param_groups) else "normal"
         params = [p for _, (_, p, _, _) in pending]
 
         def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor]]:

@@ -502,3 +502,78 @@ def test_diagnostics_hold_counts_not_masks(options):
     if not options.get("soft") and d.step_fraction == 1:
         moved = sum(int((p != q).sum()) for p, q in zip(model.parameters(), _net().parameters()))
         assert d.kept_fraction == moved / sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. an input error on one rank stops every rank (no rank left waiting in a collective)
+
+def _catch(fn) -> tuple[str, str]:
+    try:
+        fn()
+    except Exception as err:  # recorded for the parent's assertions
+        return type(err).__name__, str(err)
+    return "", ""
+
+
+def _agree_worker(rank: int, tmp: str) -> None:
+    import datetime
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    from masked_optim.distributed import DistributedEngine, parameters_in_sync, shard_batch
+
+    torch.set_num_threads(1)
+    # a rank left waiting fails the test in seconds instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    res: dict = {}
+    try:
+        model = _net()
+        opt = ProbablyAlignedSGD(model.parameters(), lr=0.05, model=model, engine=DistributedEngine(), certify=0.6)
+        fb, rb = _fr(0)
+        fb, rb = shard_batch(fb), shard_batch(rb)
+        x, y = _data(9, 4)
+        # a malformed forget batch on rank 1 only (3 inputs, 2 targets)
+        res["bad_batch"] = _catch(lambda: opt.step(forget=fb if rank == 0 else (x[:3], y[:2]), retain=rb))
+        # a check batch of 3 samples split 2/1: the whole-update test gathers all 3 (>= 2)
+        check = shard_batch(_data(77, 3))
+        res["split_check"] = _catch(lambda: opt.step(forget=fb, retain=rb, check_retain=check))
+        d = opt.diagnostics
+        res["certificate"] = d.certificate.action if d is not None and d.certificate is not None else None
+        # a check batch of one sample on each of the two ranks: 2 over all, enough
+        res["one_each"] = _catch(lambda: opt.step(forget=fb, retain=rb, check_retain=(x[rank:rank + 1], y[rank:rank + 1])))
+        res["in_sync"] = parameters_in_sync(model)
+    except Exception:
+        res = {"error": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(res, os.path.join(tmp, f"rank{rank}.pt"))
+
+
+@pytest.mark.filterwarnings("ignore:certify reuses the retain batch")
+def test_an_input_error_on_one_rank_stops_every_rank(tmp_path):
+    import os
+    import time
+
+    import torch.multiprocessing as mp
+
+    forkable = "fork" in mp.get_all_start_methods() and not torch.accelerator.is_available()
+    ctx = mp.start_processes(_agree_worker, args=(str(tmp_path),), nprocs=2, join=False,
+                             start_method="fork" if forkable else "spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the gloo workers did not finish within 120 s")
+    r0, r1 = (torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(2))
+    for r in (r0, r1):
+        assert "error" not in r, r.get("error")
+    assert r1["bad_batch"][0] == "ValueError" and "batch size" in r1["bad_batch"][1]
+    assert r0["bad_batch"][0] == "RuntimeError" and "rank(s) [1]" in r0["bad_batch"][1]
+    for r in (r0, r1):
+        assert r["split_check"] == ("", "") and r["certificate"] is not None
+        assert r["one_each"] == ("", "")
+        assert r["in_sync"]

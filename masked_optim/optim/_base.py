@@ -518,20 +518,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         retain = retain if retain is not None else staged_r
 
         # ---- validation: nothing below mutates anything until all checks have passed ----
-        parsed_f = validate_batch(forget, "forget") if forget is not None else None
-        parsed_r = validate_batch(retain, "retain") if retain is not None else None
+        parsed_f, parsed_r, has_grad = self._checked_inputs(forget, retain, check_forget, check_retain)
         n_f = parsed_f[2] if parsed_f is not None else 0
         n_r = parsed_r[2] if parsed_r is not None else 0
-        for name, b in (("check_forget", check_forget), ("check_retain", check_retain)):
-            if b is not None and validate_batch(b, name)[2] < 2 and self.certify is not None:
-                raise ValueError(f"{name} needs at least 2 samples for the whole-update test")
-        has_grad = False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    has_grad = True
-                    if p.grad.is_sparse:
-                        raise ValueError(f"{type(self).__name__} does not support sparse gradients")
         test_f = forget is not None and any(self._effective(g, "forget") is not None for g in self.param_groups)
         test_r = retain is not None and any(self._effective(g, "retain") is not None for g in self.param_groups)
         want_f = test_f or (not has_grad and forget is not None)
@@ -652,6 +641,42 @@ class ProbablyAlignedOptimizer(Optimizer):
             step_fraction,
         )
         return loss
+
+    def _checked_inputs(
+        self, forget: Batch | None, retain: Batch | None, check_forget: Batch | None, check_retain: Batch | None
+    ) -> tuple[tuple | None, tuple | None, bool]:
+        """The step's input checks: the parsed forget and retain batches and whether any parameter has
+        a gradient. A distributed engine (``agree_on_checks``) decides them on every rank at once: a
+        rank that raised alone would leave the others waiting in the statistics' collectives; and
+        the whole-update test gathers every rank's check samples, so its 2 samples are counted over
+        all ranks."""
+        error: Exception | None = None
+        parsed_f = parsed_r = None
+        has_grad = False
+        checks = (("check_forget", check_forget), ("check_retain", check_retain))
+        counts = [0, 0]
+        try:
+            parsed_f = validate_batch(forget, "forget") if forget is not None else None
+            parsed_r = validate_batch(retain, "retain") if retain is not None else None
+            counts = [validate_batch(b, name)[2] if b is not None else 0 for name, b in checks]
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        has_grad = True
+                        if p.grad.is_sparse:
+                            raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+        except Exception as err:
+            error = err
+        agree = getattr(self.engine, "agree_on_checks", None)
+        if callable(agree):
+            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            counts = agree(error, counts, device)  # raises on every rank when any failed
+        elif error is not None:
+            raise error
+        for (name, b), n in zip(checks, counts):
+            if b is not None and n < 2 and self.certify is not None:
+                raise ValueError(f"{name} needs at least 2 samples for the whole-update test")
+        return parsed_f, parsed_r, has_grad
 
     # -- whole-update certification ----------------------------------------------------------------
     def _certify(

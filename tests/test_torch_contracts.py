@@ -172,7 +172,8 @@ def test_copies_keep_the_configuration_and_step_identically(kind, how):
     assert twin_model is not model
     # the copy optimises its own model's parameters, which are the tensors of its param groups
     assert [id(p) for p in twin_model.parameters()] == [id(p) for g in twin.param_groups for p in g["params"]]
-    for key in ("certify", "certify_policy", "certify_tries", "retain_guard", "forget_weight", "retain_weight"):
+    for key in ("certify", "certify_policy", "certify_tries", "retain_guard", "forget_weight",
+                "retain_weight"):
         assert getattr(twin, key) == getattr(opt, key), key
     assert type(twin.engine) is type(opt.engine)
     assert twin.diagnostics == opt.diagnostics
@@ -253,11 +254,13 @@ def test_parameter_frozen_after_backward_is_updated_unmasked_like_torch_optim(fo
     d, r = ours.diagnostics, masked_ref.diagnostics
     n_frozen, n_rest = model[0].weight.numel(), sum(p.numel() for p in rest)
     assert 0 < r.kept_fraction < 1
-    assert d.kept_fraction == pytest.approx((r.kept_fraction * n_rest + n_frozen) / (n_rest + n_frozen), abs=1e-12)
+    expected = (r.kept_fraction * n_rest + n_frozen) / (n_rest + n_frozen)
+    assert d.kept_fraction == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:certify reuses the retain batch")
-@pytest.mark.parametrize("options", [dict(), dict(certify=0.6), dict(rescale_scope="global"), dict(soft=True)])
+@pytest.mark.parametrize("options", [dict(), dict(certify=0.6), dict(rescale_scope="global"),
+                                     dict(soft=True)])
 def test_parameter_frozen_after_backward_on_every_path(options):
     model = _net()
     opt = ProbablyAlignedAdam(model.parameters(), lr=0.01, model=model, **options)
@@ -488,7 +491,8 @@ def _tensors(obj):
 
 
 @pytest.mark.parametrize("options", [dict(rescale=None, retain_guard=None), dict(retain_guard=None),
-                                     dict(foreach=True, rescale=None, retain_guard=None), dict(), dict(soft=True)])
+                                     dict(foreach=True, rescale=None, retain_guard=None), dict(),
+                                     dict(soft=True)])
 def test_diagnostics_hold_counts_not_masks(options):
     model = _net()
     opt = ProbablyAlignedAdam(model.parameters(), lr=0.01, model=model, **options)
@@ -531,7 +535,8 @@ def _agree_worker(rank: int, tmp: str) -> None:
     res: dict = {}
     try:
         model = _net()
-        opt = ProbablyAlignedSGD(model.parameters(), lr=0.05, model=model, engine=DistributedEngine(), certify=0.6)
+        opt = ProbablyAlignedSGD(model.parameters(), lr=0.05, model=model, engine=DistributedEngine(),
+                                 certify=0.6)
         fb, rb = _fr(0)
         fb, rb = shard_batch(fb), shard_batch(rb)
         x, y = _data(9, 4)
@@ -543,7 +548,8 @@ def _agree_worker(rank: int, tmp: str) -> None:
         d = opt.diagnostics
         res["certificate"] = d.certificate.action if d is not None and d.certificate is not None else None
         # a check batch of one sample on each of the two ranks: 2 over all, enough
-        res["one_each"] = _catch(lambda: opt.step(forget=fb, retain=rb, check_retain=(x[rank:rank + 1], y[rank:rank + 1])))
+        one = (x[rank:rank + 1], y[rank:rank + 1])
+        res["one_each"] = _catch(lambda: opt.step(forget=fb, retain=rb, check_retain=one))
         res["in_sync"] = parameters_in_sync(model)
     except Exception:
         res = {"error": traceback.format_exc()}

@@ -175,7 +175,7 @@ class _GroupMask:
         free: frozenset[int] = frozenset(),
     ) -> None:
         self.forget, self.retain, self.soft, self.defer = forget, retain, soft, defer
-        # positions with no statistics (requires_grad=False, yet a .grad): updated unmasked, as torch.optim would
+        # positions with no statistics (requires_grad=False, yet a .grad): updated unmasked, as by torch.optim
         self.free = free
         self.m2_scratch = m2_scratch  # the second moments are the step's own (Σg²): the mask may overwrite them
         self.rescale = rescale
@@ -189,8 +189,8 @@ class _GroupMask:
     def shifted(self, delta: float) -> _GroupMask:
         """The same tests with every threshold raised by ``delta``."""
         return _GroupMask(
-            *(None if s is None else s.shifted(delta) for s in (self.forget, self.retain)), self.soft, rescale=self.rescale,
-            free=self.free,
+            *(None if s is None else s.shifted(delta) for s in (self.forget, self.retain)), self.soft,
+            rescale=self.rescale, free=self.free,
         )
 
     def apply_single(self, i: int, param: Tensor, u: Tensor, lr: float) -> None:
@@ -643,7 +643,8 @@ class ProbablyAlignedOptimizer(Optimizer):
         return loss
 
     def _checked_inputs(
-        self, forget: Batch | None, retain: Batch | None, check_forget: Batch | None, check_retain: Batch | None
+        self, forget: Batch | None, retain: Batch | None, check_forget: Batch | None,
+        check_retain: Batch | None,
     ) -> tuple[tuple | None, tuple | None, bool]:
         """The step's input checks: the parsed forget and retain batches and whether any parameter has
         a gradient. A distributed engine (``agree_on_checks``) decides them on every rank at once: a

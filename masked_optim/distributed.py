@@ -170,7 +170,9 @@ class DistributedEngine:
     optimizers reject empty batches (and, for a tested constraint, batches of one sample) before the
     engine runs, so through ``step`` every rank needs at least one sample (two for a tested side).
     An error on one rank inside the engine (bad batch, vmap failure, mismatched parameters) is raised
-    on *every* rank instead of leaving the others waiting in a collective.
+    on *every* rank instead of leaving the others waiting in a collective, and so is one in the
+    optimizer's input checks (:meth:`agree_on_checks`, one small collective at the start of every
+    ``step``); the whole-update test's check batches need 2 samples over all ranks, not on each.
 
     Statistics are computed with autocast disabled, i.e. in the parameters' precision (float32 at
     least), whatever the caller's autocast context.  Models wrapped in DDP or ``torch.compile`` are
@@ -243,6 +245,34 @@ class DistributedEngine:
         return all_reduce_grad_stats(
             local, self.group, n_total=n_total, loss_sum=float(table[:, 2].sum().item())
         )
+
+    def agree_on_checks(self, error: BaseException | None, counts: Sequence[int] = (),
+                        device: torch.device | str | None = None) -> list[int]:
+        """Decide the optimizer's input checks on every rank at once; returns ``counts`` summed over
+        the ranks.
+
+        Collective, called by ``step`` before anything else: each rank says whether its own checks
+        failed (``error``). If any did, every rank raises — its own error where it failed, a
+        ``RuntimeError`` naming the failed ranks elsewhere — instead of one rank raising while the
+        others wait for it in a collective. ``device``: where the small message lives (the
+        parameters' device, which NCCL needs).
+        """
+        _require_group(self.group)
+        row = torch.tensor([0.0 if error is None else 1.0, *(float(c) for c in counts)], dtype=torch.float64,
+                           device=device if device is not None else "cpu")
+        world = dist.get_world_size(self.group)
+        rows = [torch.empty_like(row) for _ in range(world)]
+        dist.all_gather(rows, row, group=self.group)
+        table = torch.stack(rows).cpu()
+        failed = [r for r in range(world) if table[r, 0] != 0]
+        if failed:
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"the optimizer's input checks failed on rank(s) {failed} of the process group; see the "
+                "error raised there (every rank stops so that none waits forever in a collective)"
+            )
+        return [int(v) for v in table[:, 1:].sum(dim=0).tolist()]
 
     def gather_samples(self, values: Tensor) -> Tensor:
         """Concatenate every rank's per-sample values (1-D, lengths may differ, even 0) in rank order.

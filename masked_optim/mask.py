@@ -290,6 +290,15 @@ def masked_add_(param: Tensor, u: Tensor, cons: Sequence[Constraint], alpha: flo
     return _masked_add_terms(param, u, _terms(cons), alpha)
 
 
+def _finite(u: Tensor, out: Tensor | None = None) -> Tensor:
+    """``u`` with NaN as 0 and ±inf as the largest finite values, for ``θ += α·m⊙u``: a coordinate
+    the mask drops (m = 0) must not move even where ``u`` overflowed (0·inf is NaN), and where ``u``
+    is finite the product is bit for bit ``m⊙u``. One cheap elementwise pass (a ``where`` on a
+    boolean mask costs several times more on CPU). Where the mask keeps a coordinate of non-finite
+    ``u``, θ moves by α·m times the largest float (not at all for NaN) instead of to ±inf or NaN."""
+    return torch.nan_to_num(u, 0.0, out=out) if out is not None else torch.nan_to_num(u, 0.0)
+
+
 def _masked_add_terms(param: Tensor, u: Tensor, terms: list[Term], alpha: float) -> Tensor:
     """:func:`masked_add_` of constraints given as terms (thresholds ``q ≥ 0``)."""
     n = u.numel()
@@ -301,7 +310,7 @@ def _masked_add_terms(param: Tensor, u: Tensor, terms: list[Term], alpha: float)
         or any(t.dtype != u.dtype or not t.is_contiguous() or t.shape != u.shape for t in tensors)
     ):
         m = _keep(u, terms)
-        param.addcmul_(u, m, value=alpha)
+        param.addcmul_(_finite(u), m, value=alpha)
         # a float32 sum of 0/1 values is exact below 2**24 elements, and 2-3x cheaper than float64
         return m.sum(dtype=torch.float32 if n < 1 << 24 else torch.float64)
     flat = [t.view(-1) for t in tensors]
@@ -314,7 +323,7 @@ def _masked_add_terms(param: Tensor, u: Tensor, terms: list[Term], alpha: float)
         chunk_terms = [(rest[2 * j], rest[2 * j + 1], sign, coeff) for j, (_, _, sign, coeff) in enumerate(terms)]
         w = _worst_into(u_c, chunk_terms, worst[: b - a], scratch[: b - a])
         m = torch.lt(w, 0, out=w)  # type: ignore[arg-type]
-        p_c.addcmul_(u_c, m, value=alpha)
+        p_c.addcmul_(_finite(u_c, out=scratch[: b - a]), m, value=alpha)  # scratch is free again
         kept.append(m.sum(dtype=torch.float64))
     return torch.stack(kept).sum()
 
@@ -361,8 +370,9 @@ def feasibility_mask(
 
 
 def soft_mask(u: Tensor, forget: Constraint | None = None, retain: Constraint | None = None) -> Tensor:
-    """Focus weights ``Π Φ(z − q)`` over the given constraints, 0 where ``u = 0``."""
-    w = (u != 0).to(u.dtype)
+    """Focus weights ``Π Φ(z − q)`` over the given constraints, 0 where ``u = 0`` or is NaN."""
+    # sign(NaN) is 0, so z would be 0 and a NaN update would keep the weight Φ(−q) and move θ
+    w = ((u != 0) & ~torch.isnan(u)).to(u.dtype)
     for con in (forget, retain):
         if con is not None:
             z = z_scores(u, con.mean, con.m2, con.n, con.sign).to(torch.float64 if u.dtype == torch.float64 else torch.float32)

@@ -134,13 +134,20 @@ _MODE_FREE: frozenset[type] = frozenset({
 @contextlib.contextmanager
 def eval_behaviour(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """Run ``model`` in eval mode inside the block and restore every submodule's own mode after
-    (``modules``: ``list(model.modules())`` when the caller has it already)."""
+    (``modules``: ``list(model.modules())`` when the caller has it already, in that order).
+
+    When some module overrides ``train()``, the switch goes through ``model.eval()`` so that it sees
+    it, and the way back through ``train(mode)`` calls, top-down, that end in every module's own
+    mode: an overridden ``train(True)`` undoes what its ``train(False)`` did (a hyperparameter it
+    changed, a cache only valid in eval mode) as it would after the caller's own ``model.eval()``."""
     modules = list(model.modules()) if modules is None else modules
     if all(type(m) in _MODE_FREE for m in modules):  # nothing would behave differently
         yield
         return
     modes = [m.training for m in modules]
-    if any(type(m).train is not nn.Module.train for m in modules):
+    replay = any(type(m).train is not nn.Module.train for m in modules)
+    root_mode = model.training
+    if replay:
         model.eval()  # a module with its own train(): let it see the switch
     else:
         for m in modules:  # the same as model.eval(), without its per-module overhead
@@ -148,7 +155,12 @@ def eval_behaviour(model: nn.Module, modules: Sequence[nn.Module] | None = None)
     try:
         yield
     finally:
-        for m, training in zip(modules, modes):
+        if replay:
+            model.train(root_mode)
+            for m, training in zip(modules, modes):  # pre-order: every parent is right before its children
+                if m.training != training:
+                    m.train(training)
+        for m, training in zip(modules, modes):  # exact flags, whatever an override set
             m.__dict__["training"] = training
 
 

@@ -210,7 +210,8 @@ def test_eval_behaviour_switches_and_restores_modes():
         with eval_behaviour(model):
             assert not any(m.training for m in model.modules())
         assert [m.training for m in model.modules()] == before
-    assert model[0].calls == [False]
+    # it saw the switch, and the switch back (an override's train(True) undoes what its eval() did)
+    assert model[0].calls == [False, True]
 
 
 def test_eval_behaviour_leaves_mode_free_models_alone():

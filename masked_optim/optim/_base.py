@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..mask import RESCALE_MODES, RESCALE_SCOPES, Constraint, Term, _coeff, _keep, _keep_mixed, _masked_add_terms, \
-    feasibility_mask, feasibility_masks, quantile, step_scale
+from ..mask import RESCALE_MODES, RESCALE_SCOPES, Constraint, Term, _coeff, _keep, _keep_mixed, _finite, \
+    _masked_add_terms, feasibility_mask, feasibility_masks, quantile, step_scale
 from ..certify import directional_derivatives, one_sided_test
-from ..batches import Batch, parse_batch
+from ..batches import Batch, ParsedBatch, parse_batch
 from ..hooks import HookEngine
 from ..losses import PerSampleLoss
 from ..stats import GradStats, StatsEngine, VmapEngine, acc_dtype, eval_behaviour, unwrap_model
@@ -98,7 +98,7 @@ class _RawDiagnostics:
     skipped: bool
     reason: str | None
     direction: str
-    kept: list[list[Tensor] | None]  # per group: kept counts (0-dim) or masks, summed when read
+    kept: list[list[Tensor] | None]  # per group: kept counts (0-dim), summed when read
     total: list[int]
     n_forget: int
     n_retain: int
@@ -134,7 +134,7 @@ class _RawDiagnostics:
         )
 
 
-_LAZY_MAX = 1 << 16  # elements: masks up to this size are counted when diagnostics are read
+_LAZY_MAX = 1 << 16  # elements: larger tensors take the fused update (masked_add_) when it applies
 _GUARD_HALVINGS = 4  # retain_guard: 1, 1/2, …, 1/16 of the step, then none
 
 
@@ -173,8 +173,11 @@ class _GroupMask:
         defer: bool = False,
         m2_scratch: bool = False,
         rescale: Rescale | None = None,
+        free: frozenset[int] = frozenset(),
     ) -> None:
         self.forget, self.retain, self.soft, self.defer = forget, retain, soft, defer
+        # positions with no statistics (requires_grad=False, yet a .grad): updated unmasked, as by torch.optim
+        self.free = free
         self.m2_scratch = m2_scratch  # the second moments are the step's own (Σg²): the mask may overwrite them
         self.rescale = rescale
         # a length set over a group or every group needs all of their masks first
@@ -187,31 +190,41 @@ class _GroupMask:
     def shifted(self, delta: float) -> _GroupMask:
         """The same tests with every threshold raised by ``delta``."""
         return _GroupMask(
-            *(None if s is None else s.shifted(delta) for s in (self.forget, self.retain)), self.soft, rescale=self.rescale
+            *(None if s is None else s.shifted(delta) for s in (self.forget, self.retain)), self.soft,
+            rescale=self.rescale, free=self.free,
         )
 
     def apply_single(self, i: int, param: Tensor, u: Tensor, lr: float) -> None:
         if self.defer:
             self.pending.append((i, param, u.clone(), lr))
             return
+        if i in self.free:  # torch.optim's own update (a mask of ones would round differently)
+            param.add_(u, alpha=-lr)
+            self.kept.append(torch.full((), u.numel(), dtype=torch.float64, device=u.device))
+            return
         if self.rescale is not None:  # per-tensor length: the whole mask is needed before the update
             m = self.single(i, u, last=True)
             self.kept.append(m.sum(dtype=torch.float64))
             how, _, cap = self.rescale
-            param.addcmul_(u, m.mul_(step_scale([m], [u], how, cap)), value=-lr)
+            param.addcmul_(_finite(u), m.mul_(step_scale([m], [u], how, cap)), value=-lr)
             return
-        if self._fused and u.numel() > _LAZY_MAX:  # cache-sized chunks on CPU
+        if self._fused and u.numel() > _LAZY_MAX and i not in self.free:  # cache-sized chunks on CPU
             terms = [side.terms[i] for side in (self.forget, self.retain) if side]
             self.kept.append(_masked_add_terms(param, u, terms, -lr))
             return
         m = self.single(i, u, last=True)
-        param.addcmul_(u, m, value=-lr)
-        # small masks are kept and counted only if the diagnostics are read
-        self.kept.append(m if u.numel() <= _LAZY_MAX else m.sum())
+        param.addcmul_(_finite(u), m, value=-lr)
+        # a 0-dim count, summed only if the diagnostics are read: a mask held until the next step
+        # would keep a copy of every small parameter alive
+        self.kept.append(_count(m))
 
     def apply_many(self, idx: Sequence[int], params: list[Tensor], us: list[Tensor], lr: float) -> None:
         if self.defer:
             self.pending.extend((i, p, u.clone(), lr) for i, p, u in zip(idx, params, us))
+            return
+        if self.free and not self.free.isdisjoint(idx):  # rare: not worth a foreach path of its own
+            for i, p, u in zip(idx, params, us):
+                self.apply_single(i, p, u, lr)
             return
         masks = self.many(idx, us)
         if self.rescale is not None:
@@ -220,12 +233,14 @@ class _GroupMask:
             for m, u in zip(masks, us):
                 m.mul_(step_scale([m], [u], how, cap))
         else:
-            self.kept.extend(torch._foreach_norm(masks, 1))
-        torch._foreach_addcmul_(params, us, masks, value=-lr)
+            self.kept.extend(_counts(masks))
+        torch._foreach_addcmul_(params, [_finite(u) for u in us], masks, value=-lr)
 
     def single(self, i: int, u: Tensor, last: bool = False) -> Tensor:
         """Parameter ``i``'s mask for ``u``; ``last``: no later call reads these statistics, so the
         step's own ``Σg²`` tensors may hold the temporaries."""
+        if i in self.free:
+            return torch.ones_like(u)
         if not self.soft:  # the terms as they are (no Constraint objects): the step's hot path
             sides = [side for side in (self.forget, self.retain) if side]
             if self._fused:
@@ -278,7 +293,23 @@ def _apply_pending(pending: Pending, ms: Sequence[Tensor]) -> None:
     """``θ ← θ − lr·s·m⊙u`` for every deferred update, recording the kept counts (before ``s``)."""
     for (gm, (_, p, u, lr)), m, s in zip(pending, ms, _scales(pending, ms)):
         gm.kept.append(m.sum(dtype=torch.float64))
-        p.addcmul_(u, m if s is None else m * s.to(m.device), value=-lr)
+        p.addcmul_(_finite(u), m if s is None else m * s.to(m.device), value=-lr)
+
+
+def _count(m: Tensor) -> Tensor:
+    """Exact count of a 0/1 mask in any dtype (a bfloat16 sum rounds past 256: 6037 ones gave 6036).
+    A float32 sum of 0/1 values is exact below 2**24 elements and cheaper than float64."""
+    return m.sum(dtype=torch.float32 if m.numel() < 1 << 24 and m.dtype != torch.float64 else torch.float64)
+
+
+def _counts(masks: list[Tensor]) -> list[Tensor]:
+    """:func:`_count` of each mask, in one foreach reduction where torch has its float32 form."""
+    if masks and all(m.numel() < 1 << 24 and m.dtype != torch.float64 for m in masks):
+        try:
+            return list(torch._foreach_norm(masks, 1, dtype=torch.float32))
+        except (TypeError, RuntimeError):  # torch without the dtype argument
+            pass
+    return [_count(m) for m in masks]
 
 
 def _total(counts: list[Tensor]) -> Tensor:
@@ -378,7 +409,14 @@ class ProbablyAlignedOptimizer(Optimizer):
         if "confidence" in param_group:  # a group's own confidence applies to both of its tests
             param_group = {"forget_confidence": None, "retain_confidence": None, **param_group}
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._validate_group(self.param_groups[-1])
+        except Exception:
+            # torch has appended the group already: a rejected group must not stay and break every step
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
         for key in ("confidence", "forget_confidence", "retain_confidence"):
             _validate_confidence(group[key], key)
         if group["quantile"] not in ("normal", "t"):
@@ -402,8 +440,21 @@ class ProbablyAlignedOptimizer(Optimizer):
                     "parameters"
                 )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups (it drops its hooks on purpose);
+        # this optimizer's configuration lives in attributes (model, engine, certify, loss_fn, …), so
+        # a copy or a pickle without them could not step. Every attribute but torch's hooks travels;
+        # the ids of the model's parameters are recomputed for the copy's own model (__setstate__).
+        state = super().__getstate__()
+        for key, value in self.__dict__.items():
+            if not key.startswith("_optimizer_") and key != "_model_param_ids":
+                state.setdefault(key, value)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "model" in state:  # a copy or an unpickled optimizer: its own model's parameters
+            self._model_param_ids = {id(p) for p in self.model.parameters()}
         for group in self.param_groups:
             if "confidence" not in group:  # saved by torch.optim: this optimizer's own mask settings
                 for key in _MASK_KEYS:
@@ -469,20 +520,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         retain = retain if retain is not None else staged_r
 
         # ---- validation: nothing below mutates anything until all checks have passed ----
-        parsed_f = parse_batch(forget, "forget") if forget is not None else None
-        parsed_r = parse_batch(retain, "retain") if retain is not None else None
+        parsed_f, parsed_r, has_grad = self._checked_inputs(forget, retain, check_forget, check_retain)
         n_f = parsed_f.n if parsed_f is not None else 0
         n_r = parsed_r.n if parsed_r is not None else 0
-        for name, b in (("check_forget", check_forget), ("check_retain", check_retain)):
-            if b is not None and parse_batch(b, name).n < 2 and self.certify is not None:
-                raise ValueError(f"{name} needs at least 2 samples for the whole-update test")
-        has_grad = False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    has_grad = True
-                    if p.grad.is_sparse:
-                        raise ValueError(f"{type(self).__name__} does not support sparse gradients")
         test_f = forget is not None and any(self._effective(g, "forget") is not None for g in self.param_groups)
         test_r = retain is not None and any(self._effective(g, "retain") is not None for g in self.param_groups)
         want_f = test_f or (not has_grad and forget is not None)
@@ -605,6 +645,43 @@ class ProbablyAlignedOptimizer(Optimizer):
         )
         return loss
 
+    def _checked_inputs(
+        self, forget: Batch | None, retain: Batch | None, check_forget: Batch | None,
+        check_retain: Batch | None,
+    ) -> tuple[ParsedBatch | None, ParsedBatch | None, bool]:
+        """The step's input checks: the parsed forget and retain batches and whether any parameter has
+        a gradient. A distributed engine (``agree_on_checks``) decides them on every rank at once: a
+        rank that raised alone would leave the others waiting in the statistics' collectives; and
+        the whole-update test gathers every rank's check samples, so its 2 samples are counted over
+        all ranks."""
+        error: Exception | None = None
+        parsed_f = parsed_r = None
+        has_grad = False
+        checks = (("check_forget", check_forget), ("check_retain", check_retain))
+        counts = [0, 0]
+        try:
+            parsed_f = parse_batch(forget, "forget") if forget is not None else None
+            parsed_r = parse_batch(retain, "retain") if retain is not None else None
+            counts = [parse_batch(b, name).n if b is not None else 0 for name, b in checks]
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        has_grad = True
+                        if p.grad.is_sparse:
+                            raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+        except Exception as err:
+            error = err
+        agree = getattr(self.engine, "agree_on_checks", None)
+        if callable(agree):
+            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            counts = agree(error, counts, device)  # raises on every rank when any failed
+        elif error is not None:
+            raise error
+        for (name, b), n in zip(checks, counts):
+            if b is not None and n < 2 and self.certify is not None:
+                raise ValueError(f"{name} needs at least 2 samples for the whole-update test")
+        return parsed_f, parsed_r, has_grad
+
     # -- whole-update certification ----------------------------------------------------------------
     def _certify(
         self, masks: list[_GroupMask | None], check_forget: Batch | None, check_retain: Batch | None
@@ -612,13 +689,15 @@ class ProbablyAlignedOptimizer(Optimizer):
         """Pick the smallest threshold shift whose masked step passes the whole-update tests, apply
         it (or nothing, for the "skip" policy) and report."""
         pending = _pending(masks)
-        kind = "t" if all(g["quantile"] == "t" for g in self.param_groups) else "normal"
+        # one test of the whole step, so one threshold: Student-t (the exact small-sample rule, for
+        # c > 0.5 the stricter one) as soon as any group asks for it
+        kind = "t" if any(g["quantile"] == "t" for g in self.param_groups) else "normal"
         params = [p for _, (_, p, _, _) in pending]
 
         def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor]]:
             shifted = {id(gm): gm.shifted(delta) if delta else gm for gm in masks if gm is not None}
             ms = [shifted[id(gm)].single(i, u) for gm, (i, _, u, _) in pending]
-            tangents = [m * u if s is None else m * u * s.to(m.device)
+            tangents = [m * _finite(u) if s is None else m * _finite(u) * s.to(m.device)
                         for m, (_, (_, _, u, _)), s in zip(ms, pending, _scales(pending, ms))]
             ok, t_r, t_f = True, None, None
             if check_retain is not None:  # ⟨m⊙u, g_r⟩ ≥ 0: the step does not raise the retain loss
@@ -662,7 +741,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         deltas = []
         for (gm, (_, p, u, lr)), m, s in zip(pending, ms, _scales(pending, ms)):
             gm.kept.append(m.sum(dtype=torch.float64))
-            d = u * (m if s is None else m * s.to(m.device))
+            d = _finite(u) * (m if s is None else m * s.to(m.device))
             p.add_(d, alpha=-lr)
             deltas.append((p, d, lr))
         limit = float(before) + float(self.retain_guard)
@@ -784,7 +863,10 @@ class ProbablyAlignedOptimizer(Optimizer):
         "confidently misaligned" drop rule for q < 0 — is μ² > q'²·Σg²/(n(n−1)) for
         q'² = q² / (1 + q²/(n−1)): the same mask, from the same operations."""
         sides: list[_Side | None] = []
-        idx = [index[id(p)] for p in params]
+        # a parameter frozen after backward (requires_grad=False, .grad kept) has no statistics:
+        # torch.optim still updates it from its .grad, and so does this optimizer, unmasked
+        idx = [index.get(id(p)) for p in params]
+        free = frozenset(j for j, i in enumerate(idx) if i is None)
         for side, stats, tested, sign in (("forget", stats_f, test_f, -1), ("retain", stats_r, test_r, 1)):
             c = self._effective(group, side)
             if not tested or c is None or stats is None:
@@ -793,11 +875,12 @@ class ProbablyAlignedOptimizer(Optimizer):
             q = quantile(c, stats.n, group["quantile"])
             if sq and q != 0:  # the same q' for either sign: both rules compare μ² with coeff·M2
                 q /= math.sqrt(1.0 + q * q / (stats.n - 1))
-            sides.append(_Side([stats.mean[i] for i in idx], [stats.m2[i] for i in idx], stats.n, q, sign))
+            sides.append(_Side(*([None if i is None else t[i] for i in idx] for t in (stats.mean, stats.m2)),
+                               stats.n, q, sign))
         if sides[0] is None and sides[1] is None:
             return None
         rescale = (group["rescale"], group["rescale_scope"], float(group["max_scale"])) if group["rescale"] else None
-        return _GroupMask(sides[0], sides[1], group["soft"], m2_scratch=sq, rescale=rescale)
+        return _GroupMask(sides[0], sides[1], group["soft"], m2_scratch=sq, rescale=rescale, free=free)
 
     def _update_group(
         self,

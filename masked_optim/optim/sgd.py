@@ -229,9 +229,9 @@ def _single_tensor_masked_sgd(
             if buf is None:
                 buf = grad.detach() if fresh else grad.detach().clone()
                 momentum_buffer_list[i] = buf
-            elif dampening == 0:
-                torch.add(grad, buf, alpha=momentum, out=buf)  # buf ← m·buf + g in one pass
             else:
+                # torch.optim.SGD's two roundings (m·buf, then + (1 − d)·g): a fused m·buf + g rounds
+                # once and drifts from it in the last bit
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         if mask is None:

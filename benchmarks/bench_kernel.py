@@ -88,17 +88,21 @@ def build(total: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
 
 
 def variants(t: dict[str, Any]) -> dict[str, Any]:
-    from masked_optim.optim._base import _GroupMask, _Side
-    from masked_optim.optim.adam import masked_adam
-    from masked_optim.optim.sgd import masked_sgd
+    from masked_optim.optim.adam import adam_updates
+    from masked_optim.optim.masking import GroupTests, Side, Update, apply_updates, masks_of
+    from masked_optim.optim.sgd import sgd_updates
 
     params, grads = t["params"], t["grads"]
-    sides = [_Side([c.mean for c in cons], [c.m2 for c in cons], cons[0].n, cons[0].q, cons[0].sign)
+    sides = [Side([c.mean for c in cons], [c.m2 for c in cons], cons[0].n, cons[0].q, cons[0].sign)
              for cons in (t["forget"], t["retain"])]
-    mask = _GroupMask(*sides, False)
-    idx = list(range(len(params)))
+    tests = GroupTests(*sides, False, foreach=True)
     sgd = torch.optim.SGD(params, lr=1e-6, momentum=0.9, weight_decay=5e-4, foreach=True)
     adam = torch.optim.Adam(params, lr=1e-6, foreach=True)
+
+    def masked_apply(us: list[torch.Tensor], lr: float) -> None:
+        updates = [Update(tests, i, p, u, lr) for i, (p, u) in enumerate(zip(params, us))]
+        ms = masks_of(updates, last=False, foreach=True)
+        apply_updates(updates, ms, [None] * len(ms))
 
     @torch.no_grad()
     def copy() -> None:
@@ -110,16 +114,17 @@ def variants(t: dict[str, Any]) -> dict[str, Any]:
 
     @torch.no_grad()
     def sgd_masked() -> None:
-        masked_sgd(params, grads, t["bufs"], mask, lr=1e-6, weight_decay=5e-4, momentum=0.9, dampening=0.0,
-                   nesterov=False, maximize=False, foreach=True)
+        us = sgd_updates(params, grads, t["bufs"], lr=1e-6, weight_decay=5e-4, momentum=0.9, dampening=0.0,
+                         nesterov=False, maximize=False, foreach=True, apply=False)
+        masked_apply(us, 1e-6)
 
     @torch.no_grad()
     def adam_masked() -> None:
-        masked_adam(params, grads, t["exp_avgs"], t["exp_avg_sqs"], [], t["steps"], mask, amsgrad=False,
-                    beta1=0.9, beta2=0.999, lr=1e-6, weight_decay=0.0, eps=1e-8, maximize=False,
-                    decoupled_weight_decay=False, foreach=True)
+        us = adam_updates(params, grads, t["exp_avgs"], t["exp_avg_sqs"], [], t["steps"], amsgrad=False,
+                          beta1=0.9, beta2=0.999, lr=1e-6, weight_decay=0.0, eps=1e-8, maximize=False,
+                          decoupled_weight_decay=False, foreach=True, apply=False)
+        masked_apply(us, 1e-6)
 
-    del idx
     return {"copy": copy, "mask": mask_only, "sgd_masked": sgd_masked, "sgd_torch": sgd.step,
             "adam_masked": adam_masked, "adam_torch": adam.step}
 

@@ -380,8 +380,8 @@ class HookEngine:
         self._plan: _Plan | None = None
         self._warned: set[tuple[str, str]] = set()
 
-    #: the engine computes two batches' statistics in one pass (see :meth:`pair`)
-    pairs = True
+    #: :meth:`pair` takes ``sq=True`` (``Σ_k g_k²`` in place of M2; see :class:`~masked_optim.stats.StatsEngine`)
+    pair_sq = True
 
     # -- the plan ------------------------------------------------------------------------------------
     @staticmethod

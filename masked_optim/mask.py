@@ -177,10 +177,10 @@ class Constraint:
     @property
     def coeff(self) -> float:
         """``q² / (n (n−1))``, so that ``q²·se² = coeff · M2``."""
-        return _coeff(self.q, self.n)
+        return coeff(self.q, self.n)
 
 
-def _coeff(q: float, n: int) -> float:
+def coeff(q: float, n: int) -> float:
     if q == 0.0:
         return 0.0
     if n < 2:
@@ -243,7 +243,7 @@ def _terms(cons: Sequence[Constraint]) -> list[Term]:
     return [(c.mean, c.m2, c.sign, c.coeff) for c in cons]
 
 
-def _keep(u: Tensor, terms: list[Term], overwrite_m2: bool = False) -> Tensor:
+def keep(u: Tensor, terms: list[Term], overwrite_m2: bool = False) -> Tensor:
     """0/1 mask for thresholds ``q ≥ 0`` in few passes, in the dtype of ``u``: coordinate i is kept iff
 
         max over constraints of ( −sign·u·μ ,  M2 − μ²/coeff )  <  0
@@ -259,12 +259,12 @@ def _keep(u: Tensor, terms: list[Term], overwrite_m2: bool = False) -> Tensor:
     return m if m.dtype == u.dtype else m.to(u.dtype)
 
 
-def _keep_mixed(u: Tensor, strict: list[Term], lenient: list[Term]) -> Tensor:
+def keep_mixed(u: Tensor, strict: list[Term], lenient: list[Term]) -> Tensor:
     """0/1 mask of constraints of either sign of ``q``, in the dtype of ``u``: the ``strict`` ones
-    (``q ≥ 0``) as :func:`_keep`; a ``lenient`` one (``q < 0``) drops coordinate i only where the step
+    (``q ≥ 0``) as :func:`keep`; a ``lenient`` one (``q < 0``) drops coordinate i only where the step
     confidently opposes it, ``sign·u·μ < 0`` and ``μ² > coeff·M2``, i.e. where
     ``max(sign·u·μ, M2 − μ²/coeff) < 0``. Coordinates with ``u = 0`` are never kept."""
-    m = _keep(u, strict) if strict else (u != 0).to(u.dtype)
+    m = keep(u, strict) if strict else (u != 0).to(u.dtype)
     for mean, m2, sign, coeff in lenient:
         side = torch.mul(u, mean)
         if sign < 0:
@@ -290,7 +290,7 @@ def masked_add_(param: Tensor, u: Tensor, cons: Sequence[Constraint], alpha: flo
     return _masked_add_terms(param, u, _terms(cons), alpha)
 
 
-def _finite(u: Tensor, out: Tensor | None = None) -> Tensor:
+def finite(u: Tensor, out: Tensor | None = None) -> Tensor:
     """``u`` with NaN as 0 and ±inf as the largest finite values, for ``θ += α·m⊙u``: a coordinate
     the mask drops (m = 0) must not move even where ``u`` overflowed (0·inf is NaN), and where ``u``
     is finite the product is bit for bit ``m⊙u``. One cheap elementwise pass (a ``where`` on a
@@ -309,8 +309,8 @@ def _masked_add_terms(param: Tensor, u: Tensor, terms: list[Term], alpha: float)
         or not terms
         or any(t.dtype != u.dtype or not t.is_contiguous() or t.shape != u.shape for t in tensors)
     ):
-        m = _keep(u, terms)
-        param.addcmul_(_finite(u), m, value=alpha)
+        m = keep(u, terms)
+        param.addcmul_(finite(u), m, value=alpha)
         # a float32 sum of 0/1 values is exact below 2**24 elements, and 2-3x cheaper than float64
         return m.sum(dtype=torch.float32 if n < 1 << 24 else torch.float64)
     flat = [t.view(-1) for t in tensors]
@@ -323,13 +323,13 @@ def _masked_add_terms(param: Tensor, u: Tensor, terms: list[Term], alpha: float)
         chunk_terms = [(rest[2 * j], rest[2 * j + 1], sign, coeff) for j, (_, _, sign, coeff) in enumerate(terms)]
         w = _worst_into(u_c, chunk_terms, worst[: b - a], scratch[: b - a])
         m = torch.lt(w, 0, out=w)  # type: ignore[arg-type]
-        p_c.addcmul_(_finite(u_c, out=scratch[: b - a]), m, value=alpha)  # scratch is free again
+        p_c.addcmul_(finite(u_c, out=scratch[: b - a]), m, value=alpha)  # scratch is free again
         kept.append(m.sum(dtype=torch.float64))
     return torch.stack(kept).sum()
 
 
 def _fast_keep_many(us: list[Tensor], cons_lists: list[list[Constraint]]) -> list[Tensor]:
-    """:func:`_keep` over lists with ``torch._foreach_*`` kernels."""
+    """:func:`keep` over lists with ``torch._foreach_*`` kernels."""
     worst: list[Tensor] | None = None
     for cons in cons_lists:
         means = [c.mean for c in cons]
@@ -366,7 +366,7 @@ def feasibility_mask(
     if soft:
         return soft_mask(u, forget, retain)
     cons = [c for c in (forget, retain) if c is not None]
-    return _keep_mixed(u, _terms([c for c in cons if c.q >= 0]), _terms([c for c in cons if c.q < 0]))
+    return keep_mixed(u, _terms([c for c in cons if c.q >= 0]), _terms([c for c in cons if c.q < 0]))
 
 
 def soft_mask(u: Tensor, forget: Constraint | None = None, retain: Constraint | None = None) -> Tensor:

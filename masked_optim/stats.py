@@ -199,7 +199,18 @@ _ACC_DTYPES: dict[torch.dtype, torch.dtype] = {}
 
 
 class StatsEngine(Protocol):
-    """Computes per-sample gradient statistics of ``params`` (parameters of ``model``) on a batch."""
+    """Computes per-sample gradient statistics of ``params`` (parameters of ``model``) on a batch.
+
+    Optional capabilities the optimizers use when an engine has them:
+
+    * ``pair(model, params, first, second, loss_fn)`` -> two :class:`GradStats`: both batches at
+      once (one forward and backward over their concatenation);
+    * ``pair_sq = True``: ``pair`` also takes ``sq=True``, returning ``Σ_k g_k²`` in the ``m2``
+      lists instead of M2 (the hard mask reads it with an adjusted threshold);
+    * ``gather_samples(values)`` -> every rank's per-sample values (a distributed engine), for the
+      whole-update test;
+    * ``agree_on_checks(error, counts, device)``: decide the step's input checks on every rank.
+    """
 
     def __call__(
         self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None

@@ -522,7 +522,7 @@ def test_square_sums_path_equals_m2_path(options):
 def test_finite_check_confirms_overflowing_sums_exactly():
     """The guard sums each tensor; finite values whose sum overflows are confirmed finite entry by
     entry (the step goes on), a single NaN or ±Inf anywhere is caught."""
-    from masked_optim.optim._base import _all_finite
+    from masked_optim.optim.base import all_finite as _all_finite
 
     big = torch.full((4,), 3e38)
     assert _all_finite([big, torch.ones(3)]) and _all_finite([]) and _all_finite([torch.empty(0)])

@@ -459,7 +459,7 @@ def test_kept_counts_are_exact_for_bfloat16(foreach, rescale):
                                                  (("t", "t"), "t"), (("normal", "normal"), "normal")])
 def test_certify_uses_the_t_quantile_when_any_group_asks_for_it(quantiles, expected, monkeypatch):
     from masked_optim.certify import one_sided_test
-    from masked_optim.optim import _base
+    from masked_optim.optim import certification as _base
 
     kinds = []
 

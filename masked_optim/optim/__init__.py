@@ -1,12 +1,15 @@
 """The probably-aligned optimizers."""
 
-from ._base import DEFAULT, Certificate, ProbablyAlignedOptimizer, StepDiagnostics
 from .adam import ProbablyAlignedAdam, ProbablyAlignedAdamW
+from .base import ProbablyAlignedOptimizer
+from .diagnostics import Certificate, StepDiagnostics
+from .options import DEFAULT, MaskOptions
 from .sgd import ProbablyAlignedSGD
 
 __all__ = [
     "DEFAULT",
     "Certificate",
+    "MaskOptions",
     "ProbablyAlignedAdam",
     "ProbablyAlignedAdamW",
     "ProbablyAlignedOptimizer",

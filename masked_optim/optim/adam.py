@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from ..stats import StatsEngine
-from ._base import DEFAULT, ProbablyAlignedOptimizer, _GroupMask, _use_foreach
+from .base import ProbablyAlignedOptimizer, use_foreach
+from .options import DEFAULT, MaskOptions
 
-__all__ = ["ProbablyAlignedAdam", "ProbablyAlignedAdamW", "masked_adam"]
+__all__ = ["ProbablyAlignedAdam", "ProbablyAlignedAdamW", "adam_updates"]
 
 
 class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
@@ -42,7 +43,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         *,
         decoupled_weight_decay: bool = False,
         model: nn.Module,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        loss_fn: Callable[[Any, Tensor], Tensor] | str | None = None,
         confidence: float | None = DEFAULT,
         forget_confidence: float | None = None,
         retain_confidence: float | None = DEFAULT,
@@ -90,28 +91,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        super().__init__(
-            params,
-            defaults,
-            model=model,
-            loss_fn=loss_fn,
-            confidence=confidence,
-            forget_confidence=forget_confidence,
-            retain_confidence=retain_confidence,
-            quantile=quantile,
-            soft=soft,
-            chunk_size=chunk_size,
-            engine=engine,
-            forget_weight=forget_weight,
-            retain_weight=retain_weight,
-            certify=certify,
-            certify_policy=certify_policy,
-            certify_tries=certify_tries,
-            retain_guard=retain_guard,
-            rescale=rescale,
-            rescale_scope=rescale_scope,
-            max_scale=max_scale,
-        )
+        super().__init__(params, defaults, MaskOptions.collect(locals()))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -150,26 +130,21 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         return exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
 
     def _update_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        mask: _GroupMask | None,
-        grads_owned: bool = False,
-    ) -> None:
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], apply: bool, grads_owned: bool = False,
+    ) -> list[Tensor] | None:
         for g in grads:
             if torch.is_complex(g):
                 raise ValueError(f"{type(self).__name__} does not support complex gradients")
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._init_group(group, params)
         beta1, beta2 = group["betas"]
-        masked_adam(
+        return adam_updates(
             params,
             grads,
             exp_avgs,
             exp_avg_sqs,
             max_exp_avg_sqs,
             steps,
-            mask,
+            apply=apply,
             amsgrad=group["amsgrad"],
             beta1=beta1,
             beta2=beta2,
@@ -178,7 +153,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
             eps=group["eps"],
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
-            foreach=_use_foreach(group, params),
+            foreach=use_foreach(group, params),
             grads_owned=grads_owned,
         )
 
@@ -193,14 +168,13 @@ class ProbablyAlignedAdamW(ProbablyAlignedAdam):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, **kwargs)
 
 
-def masked_adam(
+def adam_updates(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    mask: _GroupMask | None,
     *,
     amsgrad: bool,
     beta1: float,
@@ -211,30 +185,32 @@ def masked_adam(
     maximize: bool,
     decoupled_weight_decay: bool,
     foreach: bool,
+    apply: bool = True,
     grads_owned: bool = False,
-) -> None:
-    """Functional masked Adam: advances the moments; ``mask`` (if any) applies the update.
-    ``grads_owned``: the gradients are the caller's scratch tensors and may be modified in place."""
+) -> list[Tensor] | None:
+    """Functional Adam/AdamW: advances the moments and step counts exactly as :class:`torch.optim.Adam`.
+    With ``apply`` it also moves the parameters (torch.optim's step, bit for bit); without, it returns
+    each parameter's final update ``u = m̂/(√v̂+ε)`` (``+ λ·θ`` for AdamW, the pre-step ``θ``) and leaves
+    ``θ ← θ − lr·m⊙u`` to the caller. ``grads_owned``: the gradients are the caller's scratch tensors
+    and may be modified in place."""
     kwargs = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
                   maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
     if foreach:
-        _multi_tensor_masked_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, **kwargs)
-    else:
-        _single_tensor_masked_adam(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, grads_owned=grads_owned,
-            **kwargs,
-        )
+        return _multi_tensor_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, apply=apply,
+                                  **kwargs)
+    return _single_tensor_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, apply=apply,
+                               grads_owned=grads_owned, **kwargs)
 
 
-def _single_tensor_masked_adam(
+def _single_tensor_adam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    mask: _GroupMask | None,
     *,
+    apply: bool,
     amsgrad: bool,
     beta1: float,
     beta2: float,
@@ -244,7 +220,8 @@ def _single_tensor_masked_adam(
     maximize: bool,
     decoupled_weight_decay: bool,
     grads_owned: bool = False,
-) -> None:
+) -> list[Tensor] | None:
+    out = []
     for i, param in enumerate(params):
         grad, fresh = grads[i], grads_owned
         if maximize:
@@ -254,7 +231,7 @@ def _single_tensor_masked_adam(
         decay_param = None
         if weight_decay != 0:
             if decoupled_weight_decay:
-                if mask is None:
+                if apply:
                     param.mul_(1 - lr * weight_decay)
                 else:
                     decay_param = param.clone()  # u includes λ·θ of the pre-step parameter
@@ -270,24 +247,25 @@ def _single_tensor_masked_adam(
             denom = (max_exp_avg_sqs[i].sqrt() / bias_correction2_sqrt).add_(eps)
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        if mask is None:
+        if apply:
             param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         else:
             u = torch.div(exp_avg, denom).div_(bias_correction1)
             if decay_param is not None:
                 u.add_(decay_param, alpha=weight_decay)
-            mask.apply_single(i, param, u, lr)
+            out.append(u)
+    return None if apply else out
 
 
-def _multi_tensor_masked_adam(
+def _multi_tensor_adam(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    mask: _GroupMask | None,
     *,
+    apply: bool,
     amsgrad: bool,
     beta1: float,
     beta2: float,
@@ -296,9 +274,10 @@ def _multi_tensor_masked_adam(
     eps: float,
     maximize: bool,
     decoupled_weight_decay: bool,
-) -> None:
+) -> list[Tensor] | None:
+    out: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     if not params:
-        return
+        return None if apply else out
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps],  # type: ignore[list-item]
         with_indices=True,
@@ -313,7 +292,7 @@ def _multi_tensor_masked_adam(
         decay_params = None
         if weight_decay != 0:
             if decoupled_weight_decay:
-                if mask is None:
+                if apply:
                     torch._foreach_mul_(dev_params, 1 - lr * weight_decay)
                 else:
                     decay_params = torch._foreach_mul(dev_params, weight_decay)
@@ -334,7 +313,7 @@ def _multi_tensor_masked_adam(
             denom = torch._foreach_sqrt(dev_exp_avg_sqs)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
-        if mask is None:
+        if apply:
             step_size = [(lr / bc) * -1 for bc in bias_correction1]
             torch._foreach_addcdiv_(dev_params, dev_exp_avgs, denom, step_size)
         else:
@@ -342,4 +321,6 @@ def _multi_tensor_masked_adam(
             torch._foreach_div_(us, bias_correction1)
             if decay_params is not None:
                 torch._foreach_add_(us, decay_params)
-            mask.apply_many(indices, dev_params, us, lr)
+            for j, i in enumerate(indices):
+                out[i] = us[j]
+    return None if apply else out

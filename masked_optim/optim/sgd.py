@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from ..stats import StatsEngine
-from ._base import DEFAULT, ProbablyAlignedOptimizer, _GroupMask, _use_foreach
+from .base import ProbablyAlignedOptimizer, use_foreach
+from .options import DEFAULT, MaskOptions
 
-__all__ = ["ProbablyAlignedSGD", "masked_sgd"]
+__all__ = ["ProbablyAlignedSGD", "sgd_updates"]
 
 
 class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
@@ -107,28 +108,7 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
             differentiable=differentiable,
             fused=fused,
         )
-        super().__init__(
-            params,
-            defaults,
-            model=model,
-            loss_fn=loss_fn,
-            confidence=confidence,
-            forget_confidence=forget_confidence,
-            retain_confidence=retain_confidence,
-            quantile=quantile,
-            soft=soft,
-            chunk_size=chunk_size,
-            engine=engine,
-            forget_weight=forget_weight,
-            retain_weight=retain_weight,
-            certify=certify,
-            certify_policy=certify_policy,
-            certify_tries=certify_tries,
-            retain_guard=retain_guard,
-            rescale=rescale,
-            rescale_scope=rescale_scope,
-            max_scale=max_scale,
-        )
+        super().__init__(params, defaults, MaskOptions.collect(locals()))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -145,19 +125,14 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         return [self.state[p].get("momentum_buffer") for p in params]
 
     def _update_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        mask: _GroupMask | None,
-        grads_owned: bool = False,
-    ) -> None:
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], apply: bool, grads_owned: bool = False,
+    ) -> list[Tensor] | None:
         bufs = self._init_group(group, params)
-        masked_sgd(
+        us = sgd_updates(
             params,
             grads,
             bufs,
-            mask,
+            apply=apply,
             grads_owned=grads_owned,
             lr=group["lr"],
             weight_decay=group["weight_decay"],
@@ -165,18 +140,18 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
             dampening=group["dampening"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
-            foreach=_use_foreach(group, params),
+            foreach=use_foreach(group, params),
         )
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
+        return us
 
 
-def masked_sgd(
+def sgd_updates(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
-    mask: _GroupMask | None,
     *,
     lr: float,
     weight_decay: float,
@@ -185,30 +160,32 @@ def masked_sgd(
     nesterov: bool,
     maximize: bool,
     foreach: bool,
+    apply: bool = True,
     grads_owned: bool = False,
-) -> None:
-    """Functional masked SGD: advances the momentum buffers; ``mask`` (if any) applies the update.
+) -> list[Tensor] | None:
+    """Functional SGD: advances the momentum buffers exactly as :class:`torch.optim.SGD`. With
+    ``apply`` it also moves the parameters, ``θ ← θ − lr·u`` (torch.optim.SGD's step, bit for bit);
+    without, it returns each parameter's final update ``u`` (momentum, Nesterov and weight decay
+    included) and leaves ``θ`` to the caller's mask — ``u`` may be a momentum buffer: read it only.
 
     ``grads_owned``: the gradients are scratch tensors of the caller (the statistics direction), which
     may be modified in place and become momentum buffers — on CPU each large allocation avoided is a
     pass over memory saved."""
     if foreach:
-        _multi_tensor_masked_sgd(
-            params, grads, momentum_buffer_list, mask, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            dampening=dampening, nesterov=nesterov, maximize=maximize,
+        return _multi_tensor_sgd(
+            params, grads, momentum_buffer_list, lr=lr, weight_decay=weight_decay, momentum=momentum,
+            dampening=dampening, nesterov=nesterov, maximize=maximize, apply=apply,
         )
-    else:
-        _single_tensor_masked_sgd(
-            params, grads, momentum_buffer_list, mask, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            dampening=dampening, nesterov=nesterov, maximize=maximize, grads_owned=grads_owned,
-        )
+    return _single_tensor_sgd(
+        params, grads, momentum_buffer_list, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        dampening=dampening, nesterov=nesterov, maximize=maximize, apply=apply, grads_owned=grads_owned,
+    )
 
 
-def _single_tensor_masked_sgd(
+def _single_tensor_sgd(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
-    mask: _GroupMask | None,
     *,
     lr: float,
     weight_decay: float,
@@ -216,8 +193,10 @@ def _single_tensor_masked_sgd(
     dampening: float,
     nesterov: bool,
     maximize: bool,
+    apply: bool,
     grads_owned: bool = False,
-) -> None:
+) -> list[Tensor] | None:
+    out = []
     for i, param in enumerate(params):
         grad, fresh = grads[i], grads_owned
         if maximize:
@@ -234,17 +213,17 @@ def _single_tensor_masked_sgd(
                 # once and drifts from it in the last bit
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        if mask is None:
+        if apply:
             param.add_(grad, alpha=-lr)
         else:
-            mask.apply_single(i, param, grad, lr)
+            out.append(grad)
+    return None if apply else out
 
 
-def _multi_tensor_masked_sgd(
+def _multi_tensor_sgd(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
-    mask: _GroupMask | None,
     *,
     lr: float,
     weight_decay: float,
@@ -252,9 +231,11 @@ def _multi_tensor_masked_sgd(
     dampening: float,
     nesterov: bool,
     maximize: bool,
-) -> None:
+    apply: bool,
+) -> list[Tensor] | None:
+    out: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     if not params:
-        return
+        return None if apply else out
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, momentum_buffer_list], with_indices=True  # type: ignore[list-item]
     )
@@ -281,7 +262,9 @@ def _multi_tensor_masked_sgd(
                     bufs.append(b)
             # out of place: dev_grads may still be the caller's p.grad
             dev_grads = torch._foreach_add(dev_grads, bufs, alpha=momentum) if nesterov else bufs
-        if mask is None:
+        if apply:
             torch._foreach_add_(dev_params, dev_grads, alpha=-lr)
         else:
-            mask.apply_many(indices, dev_params, dev_grads, lr)
+            for j, i in enumerate(indices):
+                out[i] = dev_grads[j]
+    return None if apply else out

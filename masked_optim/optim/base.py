@@ -1,0 +1,446 @@
+"""The probably-aligned optimizer's step, phase by phase (docs/design.md §3, §5):
+
+collect the batches → per-sample statistics → the direction (the caller's ``p.grad``, or
+``retain_weight·μ_r − forget_weight·μ_f``) → the base optimizer's updates ``u`` (its state advanced
+as torch.optim's) → the masks → apply ``θ ← θ − lr·s·m⊙u`` (plainly, behind the retain guard, or
+after the whole-update test) → diagnostics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..batches import Batch, ParsedBatch, parse_batch
+from ..certify import directional_derivatives
+from ..losses import PerSampleLoss
+from ..mask import quantile
+from ..stats import GradStats, StatsEngine, acc_dtype, eval_behaviour, unwrap_model
+from .certification import certify_step, restore_state, snapshot_state
+from .diagnostics import RawDiagnostics, StepDiagnostics
+from .masking import GroupTests, Side, Update, apply_updates, guarded_apply, kept_counts, masks_of, step_scales
+from .options import MASK_KEYS, MaskOptions, make_engine, validate_group
+
+__all__ = ["ProbablyAlignedOptimizer", "use_foreach"]
+
+
+class ProbablyAlignedOptimizer(Optimizer):
+    """Base class: subclasses implement ``_update_group(group, params, grads, apply)``, the base
+    optimizer's functional — it advances the state exactly as torch.optim would and either applies
+    ``θ ← θ − lr·u`` itself (``apply``: the group is not masked) or returns each final update ``u``."""
+
+    def __init__(self, params: Any, defaults: dict[str, Any], options: MaskOptions) -> None:
+        options.validate()
+        self.options = options
+        self.model = options.model
+        self.loss_fn = options.loss_fn
+        self._loss = PerSampleLoss(options.loss_fn)
+        self.engine: StatsEngine = make_engine(options.engine, options.chunk_size)
+        self.certify, self.certify_policy, self.certify_tries = (options.certify, options.certify_policy,
+                                                                 options.certify_tries)
+        self.retain_guard = options.retain_guard
+        self.forget_weight = float(options.forget_weight)
+        self.retain_weight = float(options.retain_weight)
+        self._model_param_ids = {id(p) for p in self.model.parameters()}
+        # a list, not a tuple attribute: wrappers that copy the optimizer's __dict__ share it, so
+        # stage() through them reaches the next step
+        self._staging: list[Batch | None] = [None, None]
+        self._raw_diag: RawDiagnostics | None = None
+        self._warned_unmasked = False
+        self._warned_same_batch = False
+        super().__init__(params, dict(defaults, **options.group_defaults()))
+
+    # -- configuration ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "confidence" in param_group:  # a group's own confidence applies to both of its tests
+            param_group = {"forget_confidence": None, "retain_confidence": None, **param_group}
+        super().add_param_group(param_group)
+        try:
+            validate_group(self.param_groups[-1], type(self).__name__, self._model_param_ids,
+                           len(self.param_groups) - 1)
+        except Exception:
+            # torch has appended the group already: a rejected group must not stay and break every step
+            self.param_groups.pop()
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups (it drops its hooks on purpose);
+        # this optimizer's configuration lives in attributes (model, engine, certify, loss_fn, …), so
+        # a copy or a pickle without them could not step. Every attribute but torch's hooks travels;
+        # the ids of the model's parameters are recomputed for the copy's own model (__setstate__).
+        state = super().__getstate__()
+        for key, value in self.__dict__.items():
+            if not key.startswith("_optimizer_") and key != "_model_param_ids":
+                state.setdefault(key, value)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "model" in state:  # a copy or an unpickled optimizer: its own model's parameters
+            self._model_param_ids = {id(p) for p in self.model.parameters()}
+        for group in self.param_groups:
+            if "confidence" not in group:  # saved by torch.optim: this optimizer's own mask settings
+                for key in MASK_KEYS:
+                    group.setdefault(key, self.defaults[key])
+                continue
+            group.setdefault("forget_confidence", None)
+            group.setdefault("retain_confidence", None)
+            group.setdefault("quantile", "normal")
+            group.setdefault("soft", False)
+            # saved before the step-length option existed: keep the unscaled step it was taking
+            group.setdefault("rescale", None)
+            group.setdefault("rescale_scope", "tensor")
+            group.setdefault("max_scale", 100.0)
+
+    @staticmethod
+    def _effective(group: dict[str, Any], side: str) -> float | None:
+        own = group[f"{side}_confidence"]
+        return own if own is not None else group["confidence"]
+
+    # -- public API --------------------------------------------------------------------------------
+    def stage(self, forget: Batch | None = None, retain: Batch | None = None) -> None:
+        """Stage the batches for the next ``step()`` (for trainers that only call ``step()`` or
+        ``step(closure)``). Batches passed to ``step`` directly take precedence; staged ones are
+        used once."""
+        if forget is not None:
+            parse_batch(forget, "forget")
+        if retain is not None:
+            parse_batch(retain, "retain")
+        self._staging[:] = [forget, retain]
+
+    @property
+    def diagnostics(self) -> StepDiagnostics | None:
+        """Diagnostics of the last step (``None`` before the first). Reading it synchronises."""
+        return None if self._raw_diag is None else self._raw_diag.materialise()
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        forget: Batch | None = None,
+        retain: Batch | None = None,
+        check_forget: Batch | None = None,
+        check_retain: Batch | None = None,
+    ) -> Any:
+        """Masked optimisation step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; run first (its backward sets the
+                direction).
+            forget: the forget batch, with the true labels: ``(inputs, targets)`` or a mapping with
+                ``labels`` (see :mod:`masked_optim.batches`).
+            retain: the retain batch, in either layout.
+            check_forget, check_retain: independent batches for the whole-update test (``certify``);
+                by default the test reuses ``forget``/``retain``, which is optimistic.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # ---- collect: nothing below mutates anything until all checks have passed ----
+        staged_f, staged_r = self._staging
+        self._staging[:] = [None, None]
+        forget = forget if forget is not None else staged_f
+        retain = retain if retain is not None else staged_r
+        parsed_f, parsed_r, has_grad = self._checked_inputs(forget, retain, check_forget, check_retain)
+        test_f = forget is not None and any(self._effective(g, "forget") is not None for g in self.param_groups)
+        test_r = retain is not None and any(self._effective(g, "retain") is not None for g in self.param_groups)
+        self._warn_if_unmasked(has_grad, test_f or test_r)
+
+        # ---- statistics ----
+        stat_params = self._stat_params()
+        want_f = test_f or (not has_grad and forget is not None)
+        want_r = test_r or (not has_grad and retain is not None)
+        stats_f, stats_r, sq = self._statistics(stat_params, forget if want_f else None, retain if want_r else None)
+        self._check_sample_counts(stats_f, stats_r, test_f, test_r)
+        n_f = stats_f.n if stats_f is not None else parsed_f.n if parsed_f is not None else 0
+        n_r = stats_r.n if stats_r is not None else parsed_r.n if parsed_r is not None else 0
+        losses = (None if stats_f is None else stats_f.loss, None if stats_r is None else stats_r.loss)
+
+        # ---- direction ----
+        direction = "grad" if has_grad else ("stats" if (stats_f or stats_r) else "none")
+        stat_grads = self._stats_direction(stat_params, stats_f, stats_r) if direction == "stats" else {}
+        # one host sync for everything the update will read: a non-finite per-sample gradient makes
+        # its batch mean non-finite too; M2 alone can only overflow to +inf ("not significant")
+        to_check = list(stat_grads.values()) if direction == "stats" else [
+            m for s in (stats_f, stats_r) if s is not None for m in s.mean]
+        if has_grad:
+            to_check += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if to_check and not all_finite(to_check):
+            groups = len(self.param_groups)
+            self._raw_diag = RawDiagnostics(True, "non-finite gradients or statistics", direction, [None] * groups,
+                                            [0] * groups, n_f, n_r, *losses)
+            return loss
+
+        # ---- the base optimizer's updates, then masks and the move ----
+        certify = self.certify is not None and (test_f or test_r)
+        # only a masked step is guarded: with no test on either side the optimizer is torch.optim
+        # (certify's whole-update test replaces the guard when both are set)
+        guard = self.retain_guard is not None and not certify and (test_f or test_r) and stats_r is not None
+        index = {id(p): i for i, p in enumerate(stat_params)}
+        work = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if (p.grad if has_grad else stat_grads.get(id(p))) is not None]
+            grads = [p.grad if has_grad else stat_grads[id(p)] for p in params]
+            tests = self._group_tests(group, params, index, stats_f, stats_r, test_f, test_r, sq)
+            if (certify or guard) and tests is None and params:
+                tests = GroupTests(None, None, False)  # unmasked, but part of the step that is tested
+            work.append((group, params, grads, tests))
+        snapshot = None
+        if certify and self.certify_policy == "skip":
+            snapshot = snapshot_state(self.state, [p for _, params, _, _ in work for p in params])
+        updates: list[Update] = []
+        for group, params, grads, tests in work:
+            us = self._update_group(group, params, grads, apply=tests is None, grads_owned=direction == "stats")
+            if tests is not None:
+                updates += [Update(tests, i, p, u, group["lr"]) for i, (p, u) in enumerate(zip(params, us))]
+        report, step_fraction, ms = None, 1.0, []
+        if certify:
+            report, ms = self._certify(updates, forget if test_f else None, retain if test_r else None,
+                                       check_forget, check_retain, test_r)
+            if report.action == "skipped":
+                restore_state(self.state, snapshot)
+        elif updates:
+            deferred = guard or any(u.tests.rescale is not None and u.tests.rescale[1] != "tensor" for u in updates)
+            ms = masks_of(updates, last=True, foreach=not deferred)
+            scales = step_scales(updates, ms)
+            if guard:
+                limit = float(stats_r.loss) + float(self.retain_guard)  # type: ignore[union-attr,arg-type]
+                step_fraction = guarded_apply(updates, ms, scales, lambda: float(self._batch_loss(retain)), limit)
+            else:
+                apply_updates(updates, ms, scales)
+
+        # ---- diagnostics ----
+        kept = kept_counts(updates, ms)
+        skipped = report is not None and report.action == "skipped"
+        self._raw_diag = RawDiagnostics(
+            skipped, "whole-update test failed" if skipped else None, direction,
+            [None if t is None else kept.get(id(t), []) for _, _, _, t in work],
+            [sum(p.numel() for p in params) for _, params, _, _ in work], n_f, n_r, *losses, report, step_fraction,
+        )
+        return loss
+
+    # -- phases ------------------------------------------------------------------------------------
+    def _checked_inputs(
+        self, forget: Batch | None, retain: Batch | None, check_forget: Batch | None, check_retain: Batch | None,
+    ) -> tuple[ParsedBatch | None, ParsedBatch | None, bool]:
+        """The step's input checks: the parsed forget and retain batches and whether any parameter has
+        a gradient. A distributed engine (``agree_on_checks``) decides them on every rank at once: a
+        rank that raised alone would leave the others waiting in the statistics' collectives; and
+        the whole-update test gathers every rank's check samples, so its 2 samples are counted over
+        all ranks."""
+        error: Exception | None = None
+        parsed_f = parsed_r = None
+        has_grad = False
+        checks = (("check_forget", check_forget), ("check_retain", check_retain))
+        counts = [0, 0]
+        try:
+            parsed_f = parse_batch(forget, "forget") if forget is not None else None
+            parsed_r = parse_batch(retain, "retain") if retain is not None else None
+            counts = [parse_batch(b, name).n if b is not None else 0 for name, b in checks]
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        has_grad = True
+                        if p.grad.is_sparse:
+                            raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+        except Exception as err:
+            error = err
+        agree = getattr(self.engine, "agree_on_checks", None)
+        if callable(agree):
+            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            counts = agree(error, counts, device)  # raises on every rank when any failed
+        elif error is not None:
+            raise error
+        for (name, b), n in zip(checks, counts):
+            if b is not None and n < 2 and self.certify is not None:
+                raise ValueError(f"{name} needs at least 2 samples for the whole-update test")
+        return parsed_f, parsed_r, has_grad
+
+    def _warn_if_unmasked(self, has_grad: bool, tested: bool) -> None:
+        if self._warned_unmasked or not has_grad or tested:
+            return
+        if any(self._effective(g, s) is not None for g in self.param_groups for s in ("forget", "retain")):
+            warnings.warn(f"{type(self).__name__}.step() got no forget/retain batch: the update is not masked",
+                          stacklevel=3)
+            self._warned_unmasked = True
+
+    def _statistics(self, params: list[Tensor], forget: Batch | None, retain: Batch | None
+                    ) -> tuple[GradStats | None, GradStats | None, bool]:
+        """Statistics of the batches asked for, and whether their ``m2`` lists hold ``Σg²``: an engine
+        that serves both batches in one pass (``pair``) and offers ``Σg²`` (``pair_sq``) saves two
+        passes over the statistics when every test is a hard one, which reads ``Σg²`` exactly with
+        an adjusted threshold (:meth:`_group_tests`). Engines get the batches as the caller gave them."""
+        model = unwrap_model(self.model)
+        with self._engine_context(params):
+            if forget is not None and retain is not None and callable(getattr(self.engine, "pair", None)):
+                if getattr(self.engine, "pair_sq", False) and self._hard_tests_only():
+                    f, r = self.engine.pair(model, params, forget, retain, self._loss, sq=True)  # type: ignore[attr-defined]
+                    return f, r, True
+                f, r = self.engine.pair(model, params, forget, retain, self._loss)  # type: ignore[attr-defined]
+                return f, r, False
+            return (None if forget is None else self.engine(model, params, forget, self._loss),
+                    None if retain is None else self.engine(model, params, retain, self._loss), False)
+
+    def _check_sample_counts(self, stats_f: GradStats | None, stats_r: GradStats | None, test_f: bool,
+                             test_r: bool) -> None:
+        # on the statistics' n, which a distributed engine makes the global batch size
+        for side, stats, tested in (("forget", stats_f, test_f), ("retain", stats_r, test_r)):
+            if tested and stats is not None and stats.n < 2:
+                for g in self.param_groups:
+                    c = self._effective(g, side)
+                    if c is not None and c != 0.5:
+                        raise ValueError(
+                            f"the {side} batch has {stats.n} sample: a variance needs at least 2 "
+                            f"(or {side} confidence exactly 0.5, plain sign agreement)"
+                        )
+
+    def _stats_direction(self, params: list[Tensor], stats_f: GradStats | None, stats_r: GradStats | None
+                         ) -> dict[int, Tensor]:
+        """``retain_weight·μ_r − forget_weight·μ_f`` per parameter, as fresh tensors."""
+        out = {}
+        for i, p in enumerate(params):
+            r = None if stats_r is None else _as(stats_r.mean[i], p.dtype)
+            f = None if stats_f is None else _as(stats_f.mean[i], p.dtype)
+            if r is not None and f is not None:
+                out[id(p)] = (torch.sub(r, f, alpha=self.forget_weight) if self.retain_weight == 1
+                              else r * self.retain_weight - f * self.forget_weight)
+            else:
+                out[id(p)] = r * self.retain_weight if r is not None else f * -self.forget_weight  # type: ignore[operator]
+        return out
+
+    def _group_tests(self, group: dict[str, Any], params: list[Tensor], index: dict[int, int],
+                     stats_f: GradStats | None, stats_r: GradStats | None, test_f: bool, test_r: bool,
+                     sq: bool = False) -> GroupTests | None:
+        """The group's tests; ``sq``: the statistics hold ``Σg²`` in place of M2 (hard tests). With
+        M2 = Σg² − nμ², the comparison μ² > q²·M2/(n(n−1)) — of the test itself for q > 0, of its
+        "confidently misaligned" drop rule for q < 0 — is μ² > q'²·Σg²/(n(n−1)) for
+        q'² = q² / (1 + q²/(n−1)): the same mask, from the same operations."""
+        sides: list[Side | None] = []
+        # a parameter frozen after backward (requires_grad=False, .grad kept) has no statistics:
+        # torch.optim still updates it from its .grad, and so does this optimizer, unmasked
+        idx = [index.get(id(p)) for p in params]
+        free = frozenset(j for j, i in enumerate(idx) if i is None)
+        for side, stats, tested, sign in (("forget", stats_f, test_f, -1), ("retain", stats_r, test_r, 1)):
+            c = self._effective(group, side)
+            if not tested or c is None or stats is None:
+                sides.append(None)
+                continue
+            q = quantile(c, stats.n, group["quantile"])
+            if sq and q != 0:  # the same q' for either sign: both rules compare μ² with coeff·M2
+                q /= math.sqrt(1.0 + q * q / (stats.n - 1))
+            sides.append(Side(*([None if i is None else t[i] for i in idx] for t in (stats.mean, stats.m2)),
+                              stats.n, q, sign))
+        if sides[0] is None and sides[1] is None:
+            return None
+        rescale = (group["rescale"], group["rescale_scope"], float(group["max_scale"])) if group["rescale"] else None
+        return GroupTests(sides[0], sides[1], group["soft"], rescale=rescale, free=free, m2_scratch=sq,
+                          foreach=use_foreach(group, params))
+
+    def _certify(self, updates: list[Update], forget: Batch | None, retain: Batch | None, check_forget: Batch | None,
+                 check_retain: Batch | None, test_r: bool) -> tuple[Any, list[Tensor]]:
+        if test_r and check_retain is None and not self._warned_same_batch:
+            warnings.warn(
+                "certify reuses the retain batch the mask was chosen on, which certifies optimistically; "
+                "pass an independent check_retain batch for an honest whole-update test",
+                stacklevel=3,
+            )
+            self._warned_same_batch = True
+        # one test of the whole step, so one threshold: Student-t (the exact small-sample rule, for
+        # c > 0.5 the stricter one) as soon as any group asks for it
+        kind = "t" if any(g["quantile"] == "t" for g in self.param_groups) else "normal"
+        return certify_step(
+            updates, self.certify, kind, self.certify_tries, self.certify_policy, self._directional,  # type: ignore[arg-type]
+            check_forget if check_forget is not None else forget,
+            check_retain if check_retain is not None else retain,
+        )
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _stat_params(self) -> list[Tensor]:
+        seen: dict[int, Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def _hard_tests_only(self) -> bool:
+        if self.certify is not None:  # its threshold shifts are defined on M2
+            return False
+        return not any(g["soft"] for g in self.param_groups)
+
+    def _engine_context(self, params: list[Tensor]) -> contextlib.AbstractContextManager:
+        # the engines need the bare module (unwrap_model): DDP's forward syncs buffers, hooks on an
+        # already compiled module see nothing, and torch.func through it disables dynamo; the caller's
+        # autocast would lower the statistics' precision (docs/design.md §4: float32 at least)
+        dev = params[0].device.type if params else "cpu"
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.enable_grad())
+        if _autocast_enabled(dev):
+            stack.enter_context(torch.autocast(dev, enabled=False))
+        return stack
+
+    def _directional(self, params: list[Tensor], tangents: list[Tensor], batch: Batch) -> Tensor:
+        dev = params[0].device.type if params else "cpu"
+        with torch.autocast(dev, enabled=False):
+            d = directional_derivatives(unwrap_model(self.model), params, tangents, batch, self._loss)
+        # a distributed engine gathers every rank's values: all ranks test the global batch
+        gather = getattr(self.engine, "gather_samples", None)
+        return gather(d) if gather is not None else d
+
+    def _batch_loss(self, batch: Batch) -> Tensor:
+        """Mean loss of ``batch`` at the current parameters, in eval behaviour as the statistics are."""
+        model = unwrap_model(self.model)
+        dev = next(model.parameters()).device
+        parsed = parse_batch(batch).to(dev)
+        with torch.no_grad(), eval_behaviour(model), torch.autocast(dev.type, enabled=False):
+            return self._loss.mean(model, parsed, parsed.call(model))
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], apply: bool,
+                      grads_owned: bool = False) -> list[Tensor] | None:
+        """Advance the base optimizer's state for ``params``: apply the update (``apply``) or return
+        the final updates ``u``; ``grads_owned``: the gradients are scratch tensors (the statistics
+        direction) the update may modify in place."""
+        raise NotImplementedError
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite, with one host sync."""
+    # NaN and ±Inf survive a sum (inf − inf is NaN): one parallel reduction per tensor, 5x faster on
+    # CPU than an L1 norm. Only finite values summing past the float range (~3e38) can fail it
+    # without a non-finite entry, so a failure is confirmed exactly.
+    sums = [t.sum(dtype=acc_dtype(t.dtype)) for t in tensors]
+    if not sums:
+        return True
+    try:
+        total = float(torch.stack(sums).sum()) if len(sums) > 1 else float(sums[0])
+    except RuntimeError:  # tensors on several devices (a float sum keeps NaN and inf − inf = NaN)
+        total = sum(float(s) for s in sums)
+    return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """torch.optim's rule: the group's ``foreach``, or by default when every tensor is on CUDA."""
+    foreach = group.get("foreach")
+    if foreach is None:
+        return bool(params) and all(p.is_cuda for p in params) and not torch.jit.is_scripting()
+    return bool(foreach)

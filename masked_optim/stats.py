@@ -16,26 +16,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .batches import Batch, ParsedBatch, parse_batch
+from .batches import Batch, parse_batch
 from .losses import PerSampleLoss
 
 __all__ = [
     "Batch",
+    "GatheringEngine",
     "GradStats",
+    "PairEngine",
     "acc_dtype",
     "StatsEngine",
     "VmapEngine",
     "chan_merge",
     "chunk_moments",
     "eval_behaviour",
+    "m2_to_sumsq",
     "merge_into",
     "param_names",
+    "sumsq_to_m2_",
     "per_sample_grad_stats",
     "unwrap_model",
     "validate_batch",
@@ -58,16 +62,45 @@ class GradStats:
     mean: list[Tensor]
     m2: list[Tensor]
     loss: Tensor
+    #: what ``m2`` holds: M2 = Σ_k (g_k − μ)² (``False``, every engine's default), or Σ_k g_k²
+    #: (``True``: an engine's ``pair(..., sq=True)``, which the optimizers' hard tests read with an
+    #: adjusted threshold, saving two passes over the statistics)
+    sumsq: bool = False
 
     def variance(self) -> list[Tensor]:
         """Unbiased per-coordinate variance ``M2 / (n - 1)``."""
         if self.n < 2:
             raise ValueError(f"variance needs at least 2 samples, got n={self.n}")
-        return [m / (self.n - 1) for m in self.m2]
+        return [m / (self.n - 1) for m in self.as_m2().m2]
 
     def merge(self, other: GradStats) -> GradStats:
         """Statistics of the union of the two batches (Chan's formula)."""
-        return chan_merge(self, other)
+        return chan_merge(self.as_m2(), other.as_m2())
+
+    def as_sumsq(self) -> GradStats:
+        """The same statistics with ``Σ_k g_k²`` in ``m2``."""
+        if self.sumsq:
+            return self
+        return GradStats(self.n, self.mean, [m2_to_sumsq(m, q, self.n) for m, q in zip(self.mean, self.m2)],
+                         self.loss, sumsq=True)
+
+    def as_m2(self) -> GradStats:
+        """The same statistics with M2 in ``m2``."""
+        if not self.sumsq:
+            return self
+        return GradStats(self.n, self.mean, [sumsq_to_m2_(m, q.clone(), self.n) for m, q in zip(self.mean, self.m2)],
+                         self.loss)
+
+
+def m2_to_sumsq(mean: Tensor, m2: Tensor, n: int) -> Tensor:
+    """``Σ_k g_k² = M2 + n·μ²`` (a new tensor)."""
+    return torch.addcmul(m2, mean, mean, value=n)
+
+
+def sumsq_to_m2_(mean: Tensor, sq: Tensor, n: int) -> Tensor:
+    """``M2 = Σ_k g_k² − n·μ²`` in place of ``sq`` (the clamp absorbs the rounding of a near-constant
+    coordinate)."""
+    return sq.addcmul_(mean, mean, value=-n).clamp_min_(0)
 
 
 def chunk_moments(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,20 +234,32 @@ _ACC_DTYPES: dict[torch.dtype, torch.dtype] = {}
 class StatsEngine(Protocol):
     """Computes per-sample gradient statistics of ``params`` (parameters of ``model``) on a batch.
 
-    Optional capabilities the optimizers use when an engine has them:
-
-    * ``pair(model, params, first, second, loss_fn)`` -> two :class:`GradStats`: both batches at
-      once (one forward and backward over their concatenation);
-    * ``pair_sq = True``: ``pair`` also takes ``sq=True``, returning ``Σ_k g_k²`` in the ``m2``
-      lists instead of M2 (the hard mask reads it with an adjusted threshold);
-    * ``gather_samples(values)`` -> every rank's per-sample values (a distributed engine), for the
-      whole-update test;
-    * ``agree_on_checks(error, counts, device)``: decide the step's input checks on every rank.
-    """
+    The optimizers use two optional capabilities when an engine has them: :class:`PairEngine`
+    (both batches at once) and :class:`GatheringEngine` (a distributed engine)."""
 
     def __call__(
         self, model: nn.Module, params: Sequence[Tensor], batch: Batch, loss_fn: LossFn | None = None
     ) -> GradStats: ...
+
+
+@runtime_checkable
+class PairEngine(Protocol):
+    """An engine that computes the forget and the retain batch's statistics together (one forward and
+    backward over their concatenation). With a class attribute ``pair_sq = True`` its ``pair`` also
+    takes ``sq=True`` and may return ``Σ_k g_k²`` in ``m2`` (:attr:`GradStats.sumsq`)."""
+
+    def pair(self, model: nn.Module, params: Sequence[Tensor], first: Batch, second: Batch,
+             loss_fn: LossFn | None = None) -> tuple[GradStats, GradStats]: ...
+
+
+@runtime_checkable
+class GatheringEngine(Protocol):
+    """A distributed engine: every rank's per-sample values (for the whole-update test) and the
+    step's input checks decided on every rank at once."""
+
+    def gather_samples(self, values: Tensor) -> Tensor: ...
+
+    def agree_on_checks(self, error: BaseException | None, counts: list[int], device: Any) -> list[int]: ...
 
 
 class VmapEngine:

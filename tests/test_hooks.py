@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from masked_optim import HookEngine, ProbablyAlignedSGD, VmapEngine
-from masked_optim import hooks, rules
+from masked_optim import hooks, rules, taps
 from masked_optim.hooks import supports
 
 from .helpers import loop_moments
@@ -105,7 +105,7 @@ def test_hooks_equal_vmap_and_loop(name, chunk, per_sample_loop, gram, monkeypat
     if per_sample_loop is True:  # the one-sample-at-a-time accumulation used for large layers on CPU
         monkeypatch.setattr(rules, "_CACHE_RESIDENT", 0)
     if per_sample_loop == "in_hook":  # large layers: rules run inside the backward, not after it
-        monkeypatch.setattr(hooks, "_DEFER_MAX", 0)
+        monkeypatch.setattr(taps, "DEFER_MAX", 0)
     if gram is not None:  # the Gram form of Σ_b g_b² for every contraction length, or for none
         monkeypatch.setattr(rules, "_GRAM_MAX_INNER", 0 if gram == "never" else 10**6)
     model, x, y = _setup(name)
@@ -217,7 +217,7 @@ def test_pair_equals_two_loops(name, split, in_hook, monkeypatch):
     """One pass over forget+retain (unequal sizes, and equal ones: batched segments) gives each batch's
     own moments, whether the layer rules run after the backward or inside it."""
     if in_hook:
-        monkeypatch.setattr(hooks, "_DEFER_MAX", 0)
+        monkeypatch.setattr(taps, "DEFER_MAX", 0)
     model, x, y = _setup(name, n=12 if split == 6 else 11)
     params = list(model.parameters())
     first, second = (x[:split], y[:split]), (x[split:], y[split:])

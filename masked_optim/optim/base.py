@@ -22,7 +22,7 @@ from ..batches import Batch, ParsedBatch, parse_batch
 from ..certify import directional_derivatives
 from ..losses import PerSampleLoss
 from ..mask import quantile
-from ..stats import GradStats, StatsEngine, acc_dtype, eval_behaviour, unwrap_model
+from ..stats import GatheringEngine, GradStats, PairEngine, StatsEngine, acc_dtype, eval_behaviour, unwrap_model
 from .certification import certify_step, restore_state, snapshot_state
 from .diagnostics import RawDiagnostics, StepDiagnostics
 from .masking import GroupTests, Side, Update, apply_updates, guarded_apply, kept_counts, masks_of, step_scales
@@ -159,7 +159,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         stat_params = self._stat_params()
         want_f = test_f or (not has_grad and forget is not None)
         want_r = test_r or (not has_grad and retain is not None)
-        stats_f, stats_r, sq = self._statistics(stat_params, forget if want_f else None, retain if want_r else None)
+        stats_f, stats_r = self._statistics(stat_params, forget if want_f else None, retain if want_r else None)
         self._check_sample_counts(stats_f, stats_r, test_f, test_r)
         n_f = stats_f.n if stats_f is not None else parsed_f.n if parsed_f is not None else 0
         n_r = stats_r.n if stats_r is not None else parsed_r.n if parsed_r is not None else 0
@@ -190,7 +190,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if (p.grad if has_grad else stat_grads.get(id(p))) is not None]
             grads = [p.grad if has_grad else stat_grads[id(p)] for p in params]
-            tests = self._group_tests(group, params, index, stats_f, stats_r, test_f, test_r, sq)
+            tests = self._group_tests(group, params, index, stats_f, stats_r, test_f, test_r)
             if (certify or guard) and tests is None and params:
                 tests = GroupTests(None, None, False)  # unmasked, but part of the step that is tested
             work.append((group, params, grads, tests))
@@ -254,10 +254,9 @@ class ProbablyAlignedOptimizer(Optimizer):
                             raise ValueError(f"{type(self).__name__} does not support sparse gradients")
         except Exception as err:
             error = err
-        agree = getattr(self.engine, "agree_on_checks", None)
-        if callable(agree):
+        if isinstance(self.engine, GatheringEngine):
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-            counts = agree(error, counts, device)  # raises on every rank when any failed
+            counts = self.engine.agree_on_checks(error, counts, device)  # raises on every rank when any failed
         elif error is not None:
             raise error
         for (name, b), n in zip(checks, counts):
@@ -274,21 +273,20 @@ class ProbablyAlignedOptimizer(Optimizer):
             self._warned_unmasked = True
 
     def _statistics(self, params: list[Tensor], forget: Batch | None, retain: Batch | None
-                    ) -> tuple[GradStats | None, GradStats | None, bool]:
-        """Statistics of the batches asked for, and whether their ``m2`` lists hold ``Σg²``: an engine
-        that serves both batches in one pass (``pair``) and offers ``Σg²`` (``pair_sq``) saves two
-        passes over the statistics when every test is a hard one, which reads ``Σg²`` exactly with
-        an adjusted threshold (:meth:`_group_tests`). Engines get the batches as the caller gave them."""
+                    ) -> tuple[GradStats | None, GradStats | None]:
+        """Statistics of the batches asked for. An engine that serves both batches in one pass
+        (``pair``) and offers ``Σg²`` (``pair_sq``; :attr:`GradStats.sumsq` says which it returned)
+        saves two passes over the statistics when every test is a hard one, which reads ``Σg²``
+        exactly with an adjusted threshold (:meth:`_group_tests`). Engines get the batches as the
+        caller gave them."""
         model = unwrap_model(self.model)
         with self._engine_context(params):
-            if forget is not None and retain is not None and callable(getattr(self.engine, "pair", None)):
+            if forget is not None and retain is not None and isinstance(self.engine, PairEngine):
                 if getattr(self.engine, "pair_sq", False) and self._hard_tests_only():
-                    f, r = self.engine.pair(model, params, forget, retain, self._loss, sq=True)  # type: ignore[attr-defined]
-                    return f, r, True
-                f, r = self.engine.pair(model, params, forget, retain, self._loss)  # type: ignore[attr-defined]
-                return f, r, False
+                    return self.engine.pair(model, params, forget, retain, self._loss, sq=True)  # type: ignore[call-arg]
+                return self.engine.pair(model, params, forget, retain, self._loss)
             return (None if forget is None else self.engine(model, params, forget, self._loss),
-                    None if retain is None else self.engine(model, params, retain, self._loss), False)
+                    None if retain is None else self.engine(model, params, retain, self._loss))
 
     def _check_sample_counts(self, stats_f: GradStats | None, stats_r: GradStats | None, test_f: bool,
                              test_r: bool) -> None:
@@ -319,8 +317,8 @@ class ProbablyAlignedOptimizer(Optimizer):
 
     def _group_tests(self, group: dict[str, Any], params: list[Tensor], index: dict[int, int],
                      stats_f: GradStats | None, stats_r: GradStats | None, test_f: bool, test_r: bool,
-                     sq: bool = False) -> GroupTests | None:
-        """The group's tests; ``sq``: the statistics hold ``Σg²`` in place of M2 (hard tests). With
+                     ) -> GroupTests | None:
+        """The group's tests, from M2 or (hard tests, :attr:`GradStats.sumsq`) ``Σg²``. With
         M2 = Σg² − nμ², the comparison μ² > q²·M2/(n(n−1)) — of the test itself for q > 0, of its
         "confidently misaligned" drop rule for q < 0 — is μ² > q'²·Σg²/(n(n−1)) for
         q'² = q² / (1 + q²/(n−1)): the same mask, from the same operations."""
@@ -335,13 +333,14 @@ class ProbablyAlignedOptimizer(Optimizer):
                 sides.append(None)
                 continue
             q = quantile(c, stats.n, group["quantile"])
-            if sq and q != 0:  # the same q' for either sign: both rules compare μ² with coeff·M2
+            if stats.sumsq and q != 0:  # the same q' for either sign: both rules compare μ² with coeff·M2
                 q /= math.sqrt(1.0 + q * q / (stats.n - 1))
             sides.append(Side(*([None if i is None else t[i] for i in idx] for t in (stats.mean, stats.m2)),
                               stats.n, q, sign))
         if sides[0] is None and sides[1] is None:
             return None
         rescale = (group["rescale"], group["rescale_scope"], float(group["max_scale"])) if group["rescale"] else None
+        sq = any(s is not None and s.sumsq for s in (stats_f, stats_r))  # the step's own Σg²: scratch for the mask
         return GroupTests(sides[0], sides[1], group["soft"], rescale=rescale, free=free, m2_scratch=sq,
                           foreach=use_foreach(group, params))
 
@@ -393,8 +392,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         with torch.autocast(dev, enabled=False):
             d = directional_derivatives(unwrap_model(self.model), params, tangents, batch, self._loss)
         # a distributed engine gathers every rank's values: all ranks test the global batch
-        gather = getattr(self.engine, "gather_samples", None)
-        return gather(d) if gather is not None else d
+        return self.engine.gather_samples(d) if isinstance(self.engine, GatheringEngine) else d
 
     def _batch_loss(self, batch: Batch) -> Tensor:
         """Mean loss of ``batch`` at the current parameters, in eval behaviour as the statistics are."""

@@ -325,8 +325,7 @@ def table(payload: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p)
+    p = C.bench_parser(__doc__)
     p.add_argument("--dataset", default="digits", help="a workbench dataset (digits needs no download)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--arch", default=None, help="mlp, cnn or resnet18 (default: the workbench's choice)")
@@ -349,13 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    with C.torch_threads(args.threads if args.threads else (1 if args.quick else None)):
-        payload = run(args)
-    if args.out is not None:
-        C.write_json(args.out / "quality.json", payload)
-    print(table(payload))
-    return payload
+    return C.bench_main(argv, build_parser, run, table, "quality.json")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 import warnings
@@ -289,8 +288,7 @@ def table(payload: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p)
+    p = C.bench_parser(__doc__, child=True)
     p.add_argument("--engines", "--engine", dest="engines", default=None,
                    help=f"masked_optim engines, comma-separated (default {','.join(DEFAULT_ENGINES)}; also 'auto')")
     p.add_argument("--comparators", default=None,
@@ -299,21 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help=f"comma-separated, from {','.join(C.MODELS)}")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return {}
-    with C.torch_threads(args.threads if args.threads else (1 if args.quick else None)):
-        payload = run(args)
-    if args.out is not None:
-        C.write_json(args.out / "stats.json", payload)
-    print(table(payload))
-    return payload
+    return C.bench_main(argv, build_parser, run, table, "stats.json", child=child)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -230,8 +229,7 @@ def table(payload: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p)
+    p = C.bench_parser(__doc__, child=True)
     p.add_argument("--engine", "--engines", dest="engine", default=None,
                    help=f"comma-separated statistics engines (default {','.join(DEFAULT_ENGINES)})")
     p.add_argument("--models", default=None, help=f"comma-separated, from {','.join(C.MODELS)}")
@@ -239,21 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--mask", choices=tuple(MASKS), default="defaults",
                    help="the mask of the masked variants: the optimizer's defaults, or both tests at 0.95 unscaled")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return {}
-    with C.torch_threads(args.threads if args.threads else (1 if args.quick else None)):
-        payload = run(args)
-    if args.out is not None:
-        C.write_json(args.out / "step.json", payload)
-    print(table(payload))
-    return payload
+    return C.bench_main(argv, build_parser, run, table, "step.json", child=child)
 
 
 if __name__ == "__main__":

@@ -481,6 +481,14 @@ class torch_threads:
         torch.set_num_threads(self._old)
 
 
+def bench_payload(benchmark: str, machine: dict[str, Any], t_start: float, config: dict[str, Any],
+                  **parts: Any) -> dict[str, Any]:
+    """The JSON of a benchmark run: its name, ``machine`` (:func:`machine_info`, plus the load average at
+    the end), its ``config``, its ``parts`` (in the order given) and the seconds since ``t_start``."""
+    return {"benchmark": benchmark, "machine": {**machine, "loadavg_end": loadavg()}, "config": config,
+            **parts, "seconds": time.perf_counter() - t_start}
+
+
 def bench_parser(doc: str | None, *, child: bool = False) -> argparse.ArgumentParser:
     """The argument parser of a benchmark script: its docstring as the help text, the options every
     script takes (:func:`add_common_args`) and, with ``child=True``, the hidden ``--child JSON`` option

@@ -284,9 +284,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gap": "Avg. Gap = mean |metric - retrain metric| over FA, RA, TA, MIA (percentage points)",
         **info,
     }
-    base["machine"]["loadavg_end"] = C.loadavg()
-    return {**base, "config": config, "references": references, "per_seed_references": refs,
-            "summary": summary, "runs": runs, "seconds": time.perf_counter() - t_start}
+    return C.bench_payload("quality", base["machine"], t_start, config, references=references,
+                           per_seed_references=refs, summary=summary, runs=runs)
 
 
 def _fmt(ms: dict[str, Any], digits: int = 1) -> str:

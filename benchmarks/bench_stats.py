@@ -254,18 +254,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "timing": timing, "ratio_to_plain_fwd_bwd": ratios, "errors_vs_float64_loop": errors,
             "failures": failures, "memory": memory,
         }
-    return {
-        "benchmark": "stats",
-        "machine": {**machine, "loadavg_end": C.loadavg()},
-        "config": {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
-                   "engines": wanted, "unit": "one plain forward+backward of the mean CE loss on the batch",
-                   "error": "max |x - ref| / max |ref| over covered parameters, ref = float64 per-sample loop",
-                   "memory": ("CUDA: max_memory_allocated above the allocation before one call. CPU: peak RSS "
-                              "above RSS before one call, after a warm-up call, fresh process per engine.")},
-        "skipped": skipped,
-        "models": out,
-        "seconds": time.perf_counter() - t_start,
-    }
+    config = {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
+              "engines": wanted, "unit": "one plain forward+backward of the mean CE loss on the batch",
+              "error": "max |x - ref| / max |ref| over covered parameters, ref = float64 per-sample loop",
+              "memory": ("CUDA: max_memory_allocated above the allocation before one call. CPU: peak RSS "
+                         "above RSS before one call, after a warm-up call, fresh process per engine.")}
+    return C.bench_payload("stats", machine, t_start, config, skipped=skipped, models=out)
 
 
 def table(payload: dict[str, Any]) -> str:

@@ -179,22 +179,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "engine_errors": errors,
         }
         del steps, base
-    return {
-        "benchmark": "step",
-        "machine": {**machine, "loadavg_end": C.loadavg()},
-        "config": {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
-                   "lr": LR, "momentum": MOMENTUM, "weight_decay": WD, "mask": args.mask,
-                   "mask_options": MASKS[args.mask],
-                   "variants": {"a": "plain NegGrad+ forward+backward (forget and retain) + torch.optim.SGD.step",
-                                "b": "ProbablyAlignedSGD.step(forget, retain), default direction, no caller backward",
-                                "c": "caller's NegGrad+ backward, then ProbablyAlignedSGD.step(forget, retain)"},
-                   "memory": ("CUDA: torch.cuda.max_memory_allocated above the allocation before one step "
-                              "(after warm-up). CPU: peak RSS (VmHWM, reset before the step) above RSS before "
-                              "one step, after one warm-up step, in a fresh process per variant.")},
-        "engines": engines,
-        "models": out,
-        "seconds": time.perf_counter() - t_start,
-    }
+    config = {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
+              "lr": LR, "momentum": MOMENTUM, "weight_decay": WD, "mask": args.mask,
+              "mask_options": MASKS[args.mask],
+              "variants": {"a": "plain NegGrad+ forward+backward (forget and retain) + torch.optim.SGD.step",
+                           "b": "ProbablyAlignedSGD.step(forget, retain), default direction, no caller backward",
+                           "c": "caller's NegGrad+ backward, then ProbablyAlignedSGD.step(forget, retain)"},
+              "memory": ("CUDA: torch.cuda.max_memory_allocated above the allocation before one step "
+                         "(after warm-up). CPU: peak RSS (VmHWM, reset before the step) above RSS before "
+                         "one step, after one warm-up step, in a fresh process per variant.")}
+    return C.bench_payload("step", machine, t_start, config, engines=engines, models=out)
 
 
 def table(payload: dict[str, Any]) -> str:

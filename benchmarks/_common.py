@@ -10,6 +10,7 @@ process-wide and monotone).
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import json
@@ -478,6 +479,49 @@ class torch_threads:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self._old)
+
+
+def bench_payload(benchmark: str, machine: dict[str, Any], t_start: float, config: dict[str, Any],
+                  **parts: Any) -> dict[str, Any]:
+    """The JSON of a benchmark run: its name, ``machine`` (:func:`machine_info`, plus the load average at
+    the end), its ``config``, its ``parts`` (in the order given) and the seconds since ``t_start``."""
+    return {"benchmark": benchmark, "machine": {**machine, "loadavg_end": loadavg()}, "config": config,
+            **parts, "seconds": time.perf_counter() - t_start}
+
+
+def bench_parser(doc: str | None, *, child: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark script: its docstring as the help text, the options every
+    script takes (:func:`add_common_args`) and, with ``child=True``, the hidden ``--child JSON`` option
+    through which :func:`run_child` starts one fresh-process measurement."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    if child:
+        p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def bench_main(
+    argv: Sequence[str] | None,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+    json_name: str,
+    child: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The ``main()`` of a benchmark script: parse ``argv``; in ``--child JSON`` mode print
+    ``child(spec)`` as one JSON line and return ``{}``; otherwise ``run(args)`` with ``--threads``
+    torch threads (``--quick`` without ``--threads``: 1 thread), write the payload to
+    ``--out/json_name`` when ``--out`` is given, print ``table(payload)`` and return the payload."""
+    args = build_parser().parse_args(argv)
+    if child is not None and args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return {}
+    with torch_threads(args.threads if args.threads else (1 if args.quick else None)):
+        payload = run(args)
+    if args.out is not None:
+        write_json(args.out / json_name, payload)
+    print(table(payload))
+    return payload
 
 
 def parse_list(text: str | None, default: Sequence[str]) -> list[str]:

@@ -284,9 +284,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gap": "Avg. Gap = mean |metric - retrain metric| over FA, RA, TA, MIA (percentage points)",
         **info,
     }
-    base["machine"]["loadavg_end"] = C.loadavg()
-    return {**base, "config": config, "references": references, "per_seed_references": refs,
-            "summary": summary, "runs": runs, "seconds": time.perf_counter() - t_start}
+    return C.bench_payload("quality", base["machine"], t_start, config, references=references,
+                           per_seed_references=refs, summary=summary, runs=runs)
 
 
 def _fmt(ms: dict[str, Any], digits: int = 1) -> str:
@@ -325,8 +324,7 @@ def table(payload: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p)
+    p = C.bench_parser(__doc__)
     p.add_argument("--dataset", default="digits", help="a workbench dataset (digits needs no download)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--arch", default=None, help="mlp, cnn or resnet18 (default: the workbench's choice)")
@@ -349,13 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    with C.torch_threads(args.threads if args.threads else (1 if args.quick else None)):
-        payload = run(args)
-    if args.out is not None:
-        C.write_json(args.out / "quality.json", payload)
-    print(table(payload))
-    return payload
+    return C.bench_main(argv, build_parser, run, table, "quality.json")
 
 
 if __name__ == "__main__":

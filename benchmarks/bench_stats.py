@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 import warnings
@@ -255,18 +254,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "timing": timing, "ratio_to_plain_fwd_bwd": ratios, "errors_vs_float64_loop": errors,
             "failures": failures, "memory": memory,
         }
-    return {
-        "benchmark": "stats",
-        "machine": {**machine, "loadavg_end": C.loadavg()},
-        "config": {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
-                   "engines": wanted, "unit": "one plain forward+backward of the mean CE loss on the batch",
-                   "error": "max |x - ref| / max |ref| over covered parameters, ref = float64 per-sample loop",
-                   "memory": ("CUDA: max_memory_allocated above the allocation before one call. CPU: peak RSS "
-                              "above RSS before one call, after a warm-up call, fresh process per engine.")},
-        "skipped": skipped,
-        "models": out,
-        "seconds": time.perf_counter() - t_start,
-    }
+    config = {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
+              "engines": wanted, "unit": "one plain forward+backward of the mean CE loss on the batch",
+              "error": "max |x - ref| / max |ref| over covered parameters, ref = float64 per-sample loop",
+              "memory": ("CUDA: max_memory_allocated above the allocation before one call. CPU: peak RSS "
+                         "above RSS before one call, after a warm-up call, fresh process per engine.")}
+    return C.bench_payload("stats", machine, t_start, config, skipped=skipped, models=out)
 
 
 def table(payload: dict[str, Any]) -> str:
@@ -289,8 +282,7 @@ def table(payload: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p)
+    p = C.bench_parser(__doc__, child=True)
     p.add_argument("--engines", "--engine", dest="engines", default=None,
                    help=f"masked_optim engines, comma-separated (default {','.join(DEFAULT_ENGINES)}; also 'auto')")
     p.add_argument("--comparators", default=None,
@@ -299,21 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help=f"comma-separated, from {','.join(C.MODELS)}")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return {}
-    with C.torch_threads(args.threads if args.threads else (1 if args.quick else None)):
-        payload = run(args)
-    if args.out is not None:
-        C.write_json(args.out / "stats.json", payload)
-    print(table(payload))
-    return payload
+    return C.bench_main(argv, build_parser, run, table, "stats.json", child=child)
 
 
 if __name__ == "__main__":

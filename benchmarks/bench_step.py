@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -180,22 +179,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "engine_errors": errors,
         }
         del steps, base
-    return {
-        "benchmark": "step",
-        "machine": {**machine, "loadavg_end": C.loadavg()},
-        "config": {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
-                   "lr": LR, "momentum": MOMENTUM, "weight_decay": WD, "mask": args.mask,
-                   "mask_options": MASKS[args.mask],
-                   "variants": {"a": "plain NegGrad+ forward+backward (forget and retain) + torch.optim.SGD.step",
-                                "b": "ProbablyAlignedSGD.step(forget, retain), default direction, no caller backward",
-                                "c": "caller's NegGrad+ backward, then ProbablyAlignedSGD.step(forget, retain)"},
-                   "memory": ("CUDA: torch.cuda.max_memory_allocated above the allocation before one step "
-                              "(after warm-up). CPU: peak RSS (VmHWM, reset before the step) above RSS before "
-                              "one step, after one warm-up step, in a fresh process per variant.")},
-        "engines": engines,
-        "models": out,
-        "seconds": time.perf_counter() - t_start,
-    }
+    config = {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
+              "lr": LR, "momentum": MOMENTUM, "weight_decay": WD, "mask": args.mask,
+              "mask_options": MASKS[args.mask],
+              "variants": {"a": "plain NegGrad+ forward+backward (forget and retain) + torch.optim.SGD.step",
+                           "b": "ProbablyAlignedSGD.step(forget, retain), default direction, no caller backward",
+                           "c": "caller's NegGrad+ backward, then ProbablyAlignedSGD.step(forget, retain)"},
+              "memory": ("CUDA: torch.cuda.max_memory_allocated above the allocation before one step "
+                         "(after warm-up). CPU: peak RSS (VmHWM, reset before the step) above RSS before "
+                         "one step, after one warm-up step, in a fresh process per variant.")}
+    return C.bench_payload("step", machine, t_start, config, engines=engines, models=out)
 
 
 def table(payload: dict[str, Any]) -> str:
@@ -230,8 +223,7 @@ def table(payload: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p)
+    p = C.bench_parser(__doc__, child=True)
     p.add_argument("--engine", "--engines", dest="engine", default=None,
                    help=f"comma-separated statistics engines (default {','.join(DEFAULT_ENGINES)})")
     p.add_argument("--models", default=None, help=f"comma-separated, from {','.join(C.MODELS)}")
@@ -239,21 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--mask", choices=tuple(MASKS), default="defaults",
                    help="the mask of the masked variants: the optimizer's defaults, or both tests at 0.95 unscaled")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return {}
-    with C.torch_threads(args.threads if args.threads else (1 if args.quick else None)):
-        payload = run(args)
-    if args.out is not None:
-        C.write_json(args.out / "step.json", payload)
-    print(table(payload))
-    return payload
+    return C.bench_main(argv, build_parser, run, table, "step.json", child=child)
 
 
 if __name__ == "__main__":

@@ -218,20 +218,8 @@ class DistributedEngine:
             head = [0.0, float(local.n), float(local.n) * float(local.loss), float(len(params)), float(numel)]
         else:
             head = [1.0, 0.0, 0.0, float(len(params)), float(numel)]
-        mine = torch.tensor(head, dtype=torch.float64, device=dev)
-        world = dist.get_world_size(self.group)
-        rows = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(rows, mine, group=self.group)
-        table = torch.stack(rows).cpu()
-
-        failed = [r for r in range(world) if table[r, 0] != 0]
-        if failed:
-            if error is not None:
-                raise error
-            raise RuntimeError(
-                f"per-sample statistics failed on rank(s) {failed} of the process group; see the error "
-                "raised there (every rank stops so that none waits forever in a collective)"
-            )
+        table = _gather_or_raise(torch.tensor(head, dtype=torch.float64, device=dev), error, self.group,
+                                 "per-sample statistics")
         if not (torch.all(table[:, 3] == table[0, 3]) and torch.all(table[:, 4] == table[0, 4])):
             raise ValueError(
                 "ranks disagree on the parameters whose statistics are merged "
@@ -260,18 +248,7 @@ class DistributedEngine:
         _require_group(self.group)
         row = torch.tensor([0.0 if error is None else 1.0, *(float(c) for c in counts)], dtype=torch.float64,
                            device=device if device is not None else "cpu")
-        world = dist.get_world_size(self.group)
-        rows = [torch.empty_like(row) for _ in range(world)]
-        dist.all_gather(rows, row, group=self.group)
-        table = torch.stack(rows).cpu()
-        failed = [r for r in range(world) if table[r, 0] != 0]
-        if failed:
-            if error is not None:
-                raise error
-            raise RuntimeError(
-                f"the optimizer's input checks failed on rank(s) {failed} of the process group; see the "
-                "error raised there (every rank stops so that none waits forever in a collective)"
-            )
+        table = _gather_or_raise(row, error, self.group, "the optimizer's input checks")
         return [int(v) for v in table[:, 1:].sum(dim=0).tolist()]
 
     def gather_samples(self, values: Tensor) -> Tensor:
@@ -314,6 +291,23 @@ class DistributedEngine:
                 raise ValueError(f"the inner engine returned statistics of shape {tuple(m.shape)} for "
                                  f"parameter {i} of shape {tuple(p.shape)}")
         return stats
+
+
+def _gather_or_raise(row: Tensor, error: BaseException | None, group: Any, what: str) -> Tensor:
+    """Every rank's ``row`` (its first entry: 1 where that rank failed) as a CPU table; if any rank
+    failed, every rank raises — its own error where it failed, a ``RuntimeError`` naming the failed
+    ranks elsewhere — so that none waits forever in a later collective."""
+    world = dist.get_world_size(group)
+    rows = [torch.empty_like(row) for _ in range(world)]
+    dist.all_gather(rows, row, group=group)
+    table = torch.stack(rows).cpu()
+    failed = [r for r in range(world) if table[r, 0] != 0]
+    if failed:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"{what} failed on rank(s) {failed} of the process group; see the error raised there "
+                           "(every rank stops so that none waits forever in a collective)")
+    return table
 
 
 def parameters_in_sync(params: nn.Module | Iterable[Tensor], group: Any = None) -> bool:

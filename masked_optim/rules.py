@@ -143,14 +143,17 @@ def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tu
     return out
 
 
-def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def _conv_geometry(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor, tuple]:
+    """``a`` and ``δ`` as 2-d convolution tensors, and (kernel, stride, padding, dilation) in 2-d."""
     if isinstance(m, nn.Conv1d):
-        a, d = a.unsqueeze(2), d.unsqueeze(2)
         pad = 0 if m.padding == "valid" else m.padding[0]
-        k, s, p, dil = (1, m.kernel_size[0]), (1, m.stride[0]), (0, pad), (1, m.dilation[0])
-    else:
-        k, s, dil = m.kernel_size, m.stride, m.dilation
-        p = (0, 0) if m.padding == "valid" else m.padding
+        return a.unsqueeze(2), d.unsqueeze(2), ((1, m.kernel_size[0]), (1, m.stride[0]), (0, pad), (1, m.dilation[0]))
+    p = (0, 0) if m.padding == "valid" else m.padding
+    return a, d, (m.kernel_size, m.stride, p, m.dilation)
+
+
+def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    a, d, (k, s, p, dil) = _conv_geometry(m, a, d)
     b, groups = a.shape[0], m.groups
     positions = d.shape[2] * d.shape[3]
     if (a.device.type == "cpu" and positions > _GRAM_MAX_INNER
@@ -178,16 +181,23 @@ def _conv(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, tuple[Ten
     return out
 
 
-def _embedding(m: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    b, dim, vocab = idx.shape[0], d.shape[-1], m.num_embeddings
+def _embedding_rows(m: nn.Embedding, idx: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Each position's row of the flattened per-sample gradients ``[n·vocab, dim]`` (sample·vocab +
+    token) and its ``δ`` (zero at ``padding_idx``), ``[n·L]`` and ``[n·L, dim]``."""
+    b, dim = idx.shape[0], d.shape[-1]
     idx = idx.reshape(b, -1)
     d = d.reshape(b, -1, dim)
     if m.padding_idx is not None:
         d = d * (idx != m.padding_idx).unsqueeze(-1).to(d.dtype)
+    return (torch.arange(b, device=idx.device).unsqueeze(1) * m.num_embeddings + idx).reshape(-1), d.reshape(-1, dim)
+
+
+def _embedding(m: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    dim, vocab = d.shape[-1], m.num_embeddings
     # per-sample gradient rows: sum δ over the positions of each (sample, token) pair
-    key = (torch.arange(b, device=idx.device).unsqueeze(1) * vocab + idx).reshape(-1)
+    key, d = _embedding_rows(m, idx, d)
     uniq, inverse = torch.unique(key, return_inverse=True)
-    rows = torch.zeros(uniq.numel(), dim, dtype=d.dtype, device=d.device).index_add_(0, inverse, d.reshape(-1, dim))
+    rows = torch.zeros(uniq.numel(), dim, dtype=d.dtype, device=d.device).index_add_(0, inverse, d)
     token = uniq % vocab
     total = torch.zeros(vocab, dim, dtype=d.dtype, device=d.device).index_add_(0, token, rows)
     sq = torch.zeros(vocab, dim, dtype=d.dtype, device=d.device).index_add_(0, token, rows * rows)
@@ -270,23 +280,11 @@ class SparseRows:
 
 
 def _embedding_per_sample(m: nn.Embedding, idx: Tensor, d: Tensor) -> dict[str, Tensor | SparseRows]:
-    b, dim, vocab = idx.shape[0], d.shape[-1], m.num_embeddings
-    idx = idx.reshape(b, -1)
-    d = d.reshape(b, -1, dim)
-    if m.padding_idx is not None:
-        d = d * (idx != m.padding_idx).unsqueeze(-1).to(d.dtype)
-    rows = (torch.arange(b, device=idx.device).unsqueeze(1) * vocab + idx).reshape(-1)
-    return {"weight": SparseRows(rows, d.reshape(-1, dim))}
+    return {"weight": SparseRows(*_embedding_rows(m, idx, d))}
 
 
 def _conv_per_sample(m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor) -> dict[str, Tensor]:
-    if isinstance(m, nn.Conv1d):
-        a, d = a.unsqueeze(2), d.unsqueeze(2)
-        pad = 0 if m.padding == "valid" else m.padding[0]
-        k, s, p, dil = (1, m.kernel_size[0]), (1, m.stride[0]), (0, pad), (1, m.dilation[0])
-    else:
-        k, s, dil = m.kernel_size, m.stride, m.dilation
-        p = (0, 0) if m.padding == "valid" else m.padding
+    a, d, (k, s, p, dil) = _conv_geometry(m, a, d)
     b, groups = a.shape[0], m.groups
     cols = F.unfold(a, k, dilation=dil, padding=p, stride=s)
     cols = cols.view(b, groups, -1, cols.shape[-1])

@@ -80,6 +80,21 @@ class State:
         return g
 
 
+def _records(tap: Any, st: State) -> bool:
+    """Whether a layer call is one to record: not the fallback replaying a layer, not activation
+    checkpointing recomputing the forward inside the backward, not a forward without gradients
+    (each noted on the tap)."""
+    if st.replaying:
+        return False
+    if in_backward():
+        tap.recomputed = True
+        return False
+    if not torch.is_grad_enabled():
+        tap.no_grad = True
+        return False
+    return True
+
+
 class Call:
     __slots__ = ("a", "needs_grad", "node", "nr", "output", "version", "delta")
 
@@ -103,13 +118,7 @@ class RuleTap:
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         st = self.state
-        if st.replaying:
-            return None
-        if in_backward():
-            self.recomputed = True  # activation checkpointing recomputes the forward: nothing new
-            return None
-        if not torch.is_grad_enabled():
-            self.no_grad = True
+        if not _records(self, st):
             return None
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
@@ -237,13 +246,7 @@ class LayerTap:
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         st = self.state
-        if st.replaying:
-            return None
-        if in_backward():
-            self.recomputed = True
-            return None
-        if not torch.is_grad_enabled():
-            self.no_grad = True
+        if not _records(self, st):
             return None
         flat, spec = tree_flatten(output)
         idx = [j for j, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]

@@ -8,13 +8,14 @@ imported on first use: importing this package imports neither framework.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch.optim import Optimizer
 
 from ..optim import ProbablyAlignedOptimizer
 
-__all__ = ["MaskedStepCallback", "MaskedUnlearningCallback", "unwrap_optimizer"]
+__all__ = ["BatchSplit", "MaskedStepCallback", "MaskedUnlearningCallback", "unwrap_optimizer"]
 
 # the framework classes re-exported here, and the submodule that defines each
 _LAZY = {"MaskedUnlearningCallback": "hf", "MaskedStepCallback": "lightning"}
@@ -22,6 +23,27 @@ _LAZY = {"MaskedUnlearningCallback": "hf", "MaskedStepCallback": "lightning"}
 # LightningOptimizer (``_optimizer``), accelerate's AcceleratedOptimizer and DeepSpeed's (``optimizer``)
 _WRAPPED_ATTRS = ("_optimizer", "optimizer")
 _MAX_DEPTH = 32
+
+
+class BatchSplit:
+    """``(forget, retain)`` of one training batch: ``batch[forget_key]`` and ``batch[retain_key]``,
+    or ``split(batch)``; ``hint``: what the error for a batch without those keys suggests."""
+
+    def __init__(self, forget_key: str = "forget", retain_key: str = "retain",
+                 split: Callable[[Any], tuple[Any, Any]] | None = None, *, owner: str = "", hint: str = "") -> None:
+        if split is not None and not callable(split):
+            raise TypeError("split must be callable(batch) -> (forget, retain)")
+        self.forget_key, self.retain_key, self.split = forget_key, retain_key, split
+        self.owner, self.hint = owner, hint
+
+    def __call__(self, batch: Any) -> tuple[Any, Any]:
+        if self.split is not None:
+            return self.split(batch)
+        if not isinstance(batch, Mapping) or self.forget_key not in batch or self.retain_key not in batch:
+            found = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise KeyError(f"{self.owner} expects training batches with keys {self.forget_key!r} and "
+                           f"{self.retain_key!r}, got {found}; {self.hint}pass forget_key/retain_key or split=")
+        return batch[self.forget_key], batch[self.retain_key]
 
 
 def unwrap_optimizer(optimizer: Any) -> ProbablyAlignedOptimizer:

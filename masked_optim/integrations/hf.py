@@ -10,7 +10,7 @@ the forget and retain batches on the probably-aligned optimizer before that step
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         "masked_optim.integrations.hf needs transformers (and accelerate): pip install 'masked-optim[hf]'"
     ) from exc
 
-from . import unwrap_optimizer
+from . import BatchSplit, unwrap_optimizer
 
 __all__ = ["MaskedUnlearningCallback"]
 
@@ -50,8 +50,8 @@ class MaskedUnlearningCallback(TrainerCallback):
     """
 
     def __init__(self, forget_key: str = "forget", retain_key: str = "retain", split: Split | None = None) -> None:
-        if split is not None and not callable(split):
-            raise TypeError("split must be callable(inputs) -> (forget, retain)")
+        self._split = BatchSplit(forget_key, retain_key, split, owner="MaskedUnlearningCallback",
+                                 hint="keep them with TrainingArguments(remove_unused_columns=False), or ")
         self.forget_key, self.retain_key, self.split = forget_key, retain_key, split
         self._trainer: Trainer | None = None
         self._own_step: Any = None  # an instance-level training_step the Trainer had before attach
@@ -103,16 +103,7 @@ class MaskedUnlearningCallback(TrainerCallback):
 
     def batches(self, inputs: Any) -> tuple[Any, Any]:
         """The ``(forget, retain)`` batches of one training input."""
-        if self.split is not None:
-            return self.split(inputs)
-        if not isinstance(inputs, Mapping) or self.forget_key not in inputs or self.retain_key not in inputs:
-            found = list(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
-            raise KeyError(
-                f"MaskedUnlearningCallback expects training inputs with keys {self.forget_key!r} and "
-                f"{self.retain_key!r}, got {found}; keep them with TrainingArguments(remove_unused_columns=False), "
-                "or pass forget_key/retain_key or split="
-            )
-        return inputs[self.forget_key], inputs[self.retain_key]
+        return self._split(inputs)
 
     def _stage(self, trainer: Trainer, inputs: Any) -> None:
         accelerator = getattr(trainer, "accelerator", None)

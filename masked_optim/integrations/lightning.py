@@ -11,7 +11,7 @@ then ``self.manual_backward(loss); opt.step()`` (``stage`` reaches the optimizer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
     ) from exc
 
 from ..optim import ProbablyAlignedOptimizer
-from . import unwrap_optimizer
+from . import BatchSplit, unwrap_optimizer
 
 __all__ = ["MaskedStepCallback"]
 
@@ -41,21 +41,12 @@ class MaskedStepCallback(pl.Callback):
     """
 
     def __init__(self, forget_key: str = "forget", retain_key: str = "retain", split: Split | None = None) -> None:
-        if split is not None and not callable(split):
-            raise TypeError("split must be callable(batch) -> (forget, retain)")
+        self._split = BatchSplit(forget_key, retain_key, split, owner="MaskedStepCallback")
         self.forget_key, self.retain_key, self.split = forget_key, retain_key, split
 
     def batches(self, batch: Any) -> tuple[Any, Any]:
         """The ``(forget, retain)`` batches of one training batch."""
-        if self.split is not None:
-            return self.split(batch)
-        if not isinstance(batch, Mapping) or self.forget_key not in batch or self.retain_key not in batch:
-            found = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise KeyError(
-                f"MaskedStepCallback expects training batches with keys {self.forget_key!r} and "
-                f"{self.retain_key!r}, got {found}; pass forget_key/retain_key or split="
-            )
-        return batch[self.forget_key], batch[self.retain_key]
+        return self._split(batch)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

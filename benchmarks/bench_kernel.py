@@ -5,9 +5,9 @@ side by side (interleaved repeats, after warm-up, medians), on P parameters spli
 
   copy         torch._foreach_copy_ of P floats: the memory-bandwidth yardstick of this device
   mask         masked_optim.feasibility_masks alone (hard mask, both constraints)
-  sgd_masked   masked_optim.optim.sgd.masked_sgd (momentum 0.9, weight decay, foreach) with the mask
+  sgd_masked   masked_optim.optim.sgd.sgd_updates (momentum 0.9, weight decay, foreach), then the mask and update
   sgd_torch    torch.optim.SGD(momentum=0.9, weight_decay, foreach=True).step() on the same tensors
-  adam_masked  masked_optim.optim.adam.masked_adam (foreach) with the mask
+  adam_masked  masked_optim.optim.adam.adam_updates (foreach), then the mask and update
   adam_torch   torch.optim.Adam(foreach=True).step() on the same tensors
 
 Achieved bandwidth = the bytes the operation must move at least (each input read once, each output

@@ -174,6 +174,14 @@ def test_unwrap_optimizer_through_nested_wrappers():
     # LightningOptimizer(opt) is itself an instance of ProbablyAlignedSGD: the wrapper is still stripped
     assert isinstance(LightningOptimizer(opt), ProbablyAlignedSGD)
 
+    # stage() through accelerate's wrapper (which forwards no attribute) reaches the next step
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    from masked_optim import integrations
+
+    integrations.stage(lightning_wrapped, forget=(x[:3], y[:3]), retain=(x[3:], y[3:]))
+    accelerated.step()
+    assert (opt.diagnostics.n_forget, opt.diagnostics.n_retain, opt.diagnostics.direction) == (3, 3, "stats")
+
     plain = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), device_placement=False)
     with pytest.raises(TypeError, match="AcceleratedOptimizer -> SGD"):
         unwrap_optimizer(plain)

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from ..optim import ProbablyAlignedOptimizer
 
-__all__ = ["BatchSplit", "MaskedStepCallback", "MaskedUnlearningCallback", "unwrap_optimizer"]
+__all__ = ["BatchSplit", "MaskedStepCallback", "MaskedUnlearningCallback", "stage", "unwrap_optimizer"]
 
 # the framework classes re-exported here, and the submodule that defines each
 _LAZY = {"MaskedUnlearningCallback": "hf", "MaskedStepCallback": "lightning"}
@@ -44,6 +44,12 @@ class BatchSplit:
             raise KeyError(f"{self.owner} expects training batches with keys {self.forget_key!r} and "
                            f"{self.retain_key!r}, got {found}; {self.hint}pass forget_key/retain_key or split=")
         return batch[self.forget_key], batch[self.retain_key]
+
+
+def stage(optimizer: Any, forget: Any = None, retain: Any = None) -> None:
+    """:meth:`~masked_optim.ProbablyAlignedOptimizer.stage` through any framework wrapper (accelerate's
+    ``AcceleratedOptimizer`` forwards no attribute, so ``trainer.optimizer.stage`` does not exist)."""
+    unwrap_optimizer(optimizer).stage(forget, retain)
 
 
 def unwrap_optimizer(optimizer: Any) -> ProbablyAlignedOptimizer:

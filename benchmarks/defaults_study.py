@@ -484,7 +484,10 @@ def report(out: Path) -> str:
         cs = {(c["dataset"], c["config"], c["method"], c["lr"]): c for c in fi["final"]["cells"]}
         md.append("\n## Final: the optimizer constructed with no mask option against plain, each method's best lr\n\n"
                   + best_table(cs, DEFAULT, datasets, methods)
-                  + "\n\nThe plain runs are the screen's (the same runs); the default's are new runs of the optimizer with no mask option.")
+                  + "\n\nBoth sides were rerun for this stage after SGD's momentum buffer was made torch.optim's "
+                  "bit for bit (buf·m, then + g, instead of one fused multiply-add): the screen's runs, plain "
+                  "included, are from the code before that change and differ in the last bits, which the "
+                  "unlearning dynamics amplify; the default's runs are the optimizer with no mask option.")
         md.append("\n## At three times each method's best plain learning rate\n\n| data | method | lr | plain gap "
                   "(RA) | default gap (RA) | plain collapsed/diverged seeds | default collapsed/diverged seeds |\n"
                   "|---|---|---|---|---|---|---|")

@@ -293,6 +293,16 @@ def test_sgd_rescale(how):
     assert new == 0
 
 
+@needs_compiler
+@pytest.mark.slow
+def test_rescale_by_recomputing_the_step(monkeypatch):
+    """The other two-pass design (a read-only pass for the sums, then the whole step again)."""
+    monkeypatch.setattr(F, "RESCALE_PASSES", "recompute")
+    gen = torch.Generator().manual_seed(16)
+    assert run_sgd_schedule(dict(momentum=0.9, nesterov=True, cf=0.95, cr=0.05), gen, rescale="norm") == 0
+    assert run_adam_schedule(dict(amsgrad=True, cf=0.95, cr=0.05), gen, rescale="count", max_scale=3.0) == 0
+
+
 def test_eager_kernels_match_reference_everywhere():
     """The fallback (the same functions run eagerly) on every structure: options, soft, rescale,
     directions, low precision. No compilation."""

@@ -448,11 +448,11 @@ def _scratch(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 def _run(name: str, compiled: bool, p: Tensor, tensors: tuple, sc: Tensor, soft: bool,
          rescale: str | None, delta: Tensor | None, mask_out: Tensor | None) -> StepSums:
     """One tensor: the pass (or the two passes) its options need."""
-    if compiled and not _contiguous(p, *tensors, delta, mask_out):
-        compiled = False  # the kernels take flat views: a non-contiguous layout runs eagerly
-    if compiled:
+    if _contiguous(p, *tensors, delta, mask_out):  # flat views: any shapes of the same size
         p, tensors = _flat(p), tuple(_flat(t) for t in tensors)
         delta, mask_out = _flat(delta), _flat(mask_out)
+    else:
+        compiled = False  # a non-contiguous layout runs eagerly, on tensors of one shape
 
     def call(mode: str, d: Tensor | None = None, m: Tensor | None = None, sums: Tensor | None = None) -> Tensor:
         return _call(name, compiled, (p, *tensors, sc, d, m, sums), {"soft": soft, "mode": mode})

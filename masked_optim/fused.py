@@ -35,7 +35,7 @@ Numerics
     the adjusted ``q' = q/√(1 + q²/(n−1))`` (the optimizers' Σg² trick: the same mask). The soft mask
     is ``Π Φ(z − q)`` with the z-scores of :func:`masked_optim.mask.z_scores`. A masked-out coordinate
     never moves, even where ``u`` is not finite (the update is a select, not a multiplication by 0).
-    The kept count is an int64 sum (exact), returned as float64.
+    The kept count is an integer sum (exact), returned as float64.
 
     Where it differs from the optimizers' eager path (``masked_sgd``/``masked_adam`` with their
     ``_GroupMask``): a NaN ``u`` is never kept (eager: kept by a lenient-only or soft mask); a
@@ -236,9 +236,11 @@ def _finish(p: Tensor, u: Tensor, mk: Tensor, sc: Tensor, soft: bool, mode: str,
     cd = u.dtype
     moved = (mk != 0) if soft else mk
     d = torch.where(moved, u * mk if soft else u, torch.zeros_like(u))  # m⊙u, 0 where masked out
-    # an int64 count is exact and free; a float64 accumulation costs as much as the rest of the pass
-    # on CPU (inductor does not vectorise the conversion well); float sums use cascade summation
-    kept = (mk.sum() if soft else mk.sum(dtype=torch.int64)).to(torch.float64)
+    # an integer count is exact and nearly free (int32 below 2**31 elements: a guard, so a larger
+    # tensor compiles an int64 graph); a float64 accumulation costs as much as the rest of the pass on
+    # CPU (inductor does not vectorise the conversion well); float sums use cascade summation
+    count = torch.int32 if u.numel() < 2**31 else torch.int64
+    kept = (mk.sum() if soft else mk.sum(dtype=count)).to(torch.float64)
     if mask_out is not None:
         mask_out.copy_(mk.to(mask_out.dtype))
     if mode in ("defer", "sums"):
@@ -380,15 +382,23 @@ def use_fused(fused: bool | None, tensor: Tensor) -> bool:
     return bool(fused)
 
 
+def _grouped(name: str, cols: tuple, kwargs: dict[str, Any]) -> list[Tensor]:
+    """One kernel over a chunk of tensors: ``cols`` holds, per argument, the list of the chunk's
+    tensors (or ``None``). Compiled as one graph, so the tensors' kernels run back to back in one
+    call: the per-call overhead (dynamo's guards and wrappers, Python, waking OpenMP's threads) is paid
+    once per chunk, not per tensor."""
+    kernel = _KERNELS[name]
+    return [kernel(*(None if c is None else c[i] for c in cols), **kwargs) for i in range(len(cols[0]))]
+
+
 def _compiled(key: tuple) -> Any:
-    """The compiled kernel for one structure ``key`` (kernel name, the None-pattern and dtypes of the
-    tensors, the flags). Each gets a code object of its own, so that dynamo's per-function cache
-    holds one graph each: no cache limit to raise, and one guard set to check per call."""
+    """The compiled :func:`_grouped` for one structure ``key`` (kernel, chunk length, the None-pattern,
+    dtypes and devices of the arguments, the flags). Each gets a code object of its own, so that
+    dynamo's per-function cache holds one graph each: no cache limit to raise, one guard set to check."""
     fn = _COMPILED.get(key)
     if fn is None:
-        base = _KERNELS[key[0]]
-        code = base.__code__.replace(co_name=f"{base.__name__}_{len(_COMPILED)}")
-        clone = types.FunctionType(code, base.__globals__, code.co_name, base.__defaults__, base.__closure__)
+        code = _grouped.__code__.replace(co_name=f"_grouped_{key[0]}_{len(_COMPILED)}")
+        clone = types.FunctionType(code, _grouped.__globals__, code.co_name)
         fn = _COMPILED[key] = torch.compile(clone, dynamic=True, fullgraph=True)
     return fn
 
@@ -397,19 +407,44 @@ def _key(name: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
     return (name, *(None if a is None else (a.dtype, a.device) for a in args), *kwargs.values())
 
 
-def _call(name: str, compiled: bool, args: tuple, kwargs: dict[str, Any]) -> Tensor:
+def _no_duck_shapes() -> Any:
+    """Every size its own symbol while a chunk compiles: tensors of equal sizes would otherwise share
+    one, and a chunk with another pattern of equal sizes would recompile."""
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):  # pragma: no cover - older torch: duck shapes it is
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+_SEEN: set[tuple] = set()  # chunk structures compiled (and run) once
+
+
+def _call_chunk(name: str, compiled: bool, chunk: list[tuple], kwargs: dict[str, Any]) -> list[Tensor]:
+    """``name``'s kernel on each argument tuple of ``chunk`` (all of one structure): one compiled call,
+    or eagerly, tensor by tensor."""
     if compiled:
-        dt = args[0].device.type
+        dt = chunk[0][0].device.type
         if dt not in _BROKEN:
+            cols = tuple(None if chunk[0][j] is None else [args[j] for args in chunk] for j in range(len(chunk[0])))
+            key = (name, len(chunk), *_key(name, chunk[0], kwargs)[1:])
             try:
-                return _compiled(_key(name, args, kwargs))(*args, **kwargs)
+                if key in _SEEN:
+                    return _compiled(key)(name, cols, kwargs)
+                with _no_duck_shapes():
+                    out = _compiled(key)(name, cols, kwargs)
+                _SEEN.add(key)
+                return out
             except Exception as err:  # noqa: BLE001 - a backend failure: run eagerly from now on
                 if not _is_compile_error(err):
                     raise
                 _BROKEN[dt] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 warnings.warn(f"masked_optim.fused: compiling the fused kernel failed on {dt} "
                               f"({_BROKEN[dt]}); running it eagerly from now on", RuntimeWarning, stacklevel=3)
-    return _KERNELS[name](*args, **kwargs)
+    return [_KERNELS[name](*args, **kwargs) for args in chunk]
 
 
 def _is_compile_error(err: Exception) -> bool:
@@ -445,31 +480,82 @@ def _scratch(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return buf[:n]
 
 
-def _run(name: str, compiled: bool, p: Tensor, tensors: tuple, sc: Tensor, soft: bool,
-         rescale: str | None, delta: Tensor | None, mask_out: Tensor | None) -> StepSums:
-    """One tensor: the pass (or the two passes) its options need."""
+#: tensors per compiled call (a chunk). More amortise the call overhead further; the first call
+#: of a chunk length compiles a graph with that many kernels (~0.5 s each, cold, on CPU)
+GROUP_SIZE = 8
+
+
+class _Job(NamedTuple):
+    p: Tensor
+    tensors: tuple  # the kernel's arguments between p and the scalars
+    sc: Tensor
+    delta: Tensor | None
+    mask_out: Tensor | None
+    compiled: bool
+
+
+def _job(p: Tensor, tensors: tuple, sc: Tensor, delta: Tensor | None, mask_out: Tensor | None,
+         compiled: bool) -> _Job:
     if _contiguous(p, *tensors, delta, mask_out):  # flat views: any shapes of the same size
-        p, tensors = _flat(p), tuple(_flat(t) for t in tensors)
-        delta, mask_out = _flat(delta), _flat(mask_out)
-    else:
-        compiled = False  # a non-contiguous layout runs eagerly, on tensors of one shape
+        return _Job(_flat(p), tuple(_flat(t) for t in tensors), sc, _flat(delta), _flat(mask_out), compiled)
+    return _Job(p, tensors, sc, delta, mask_out, False)  # a non-contiguous layout runs eagerly, as it is
 
-    def call(mode: str, d: Tensor | None = None, m: Tensor | None = None, sums: Tensor | None = None) -> Tensor:
-        return _call(name, compiled, (p, *tensors, sc, d, m, sums), {"soft": soft, "mode": mode})
 
-    if delta is not None:  # deferred: the caller sets the length and applies
-        s = call("defer", delta, mask_out)
-        return StepSums(s[0], s[1], s[2])
-    if rescale is None:
-        return StepSums(call("apply", None, mask_out))
-    if RESCALE_PASSES == "recompute" or not compiled:
-        s = call("sums")
-        call("apply_rescaled", None, mask_out, s)
-        return StepSums(s[0], s[1], s[2])
-    d = _scratch(p.numel(), p.device, sc.dtype)
-    s = call("defer", d, mask_out)
-    _call("apply", compiled, (p, d, s, sc), {})
-    return StepSums(s[0], s[1], s[2])
+def _chunks(jobs: list[_Job], key: Any) -> list[list[int]]:
+    """Indices of ``jobs`` in runs of one structure (``key(job)``), at most GROUP_SIZE long."""
+    out: list[list[int]] = []
+    last = None
+    for i, job in enumerate(jobs):
+        k = key(job)
+        if out and k == last and len(out[-1]) < GROUP_SIZE:
+            out[-1].append(i)
+        else:
+            out.append([i])
+        last = k
+    return out
+
+
+def _run_all(name: str, jobs: list[_Job], soft: bool, rescale: str | None) -> list[StepSums]:
+    """Every tensor's pass (or two passes), compiled ones in chunks."""
+    out: list[StepSums | None] = [None] * len(jobs)
+    deferred = jobs[0].delta is not None if jobs else False
+
+    def run(mode: str, idx: list[int], extra: Any = None, sums: list | None = None) -> list[Tensor]:
+        chunk = []
+        for j, i in enumerate(idx):
+            job = jobs[i]
+            d = job.delta if mode == "defer" and extra is None else (None if extra is None else extra[j])
+            chunk.append((job.p, *job.tensors, job.sc, d, job.mask_out if mode != "sums" else None,
+                          None if sums is None else sums[j]))
+        return _call_chunk(name, jobs[idx[0]].compiled, chunk, {"soft": soft, "mode": mode})
+
+    def structure(job: _Job) -> tuple:
+        return (job.compiled, *_key(name, (job.p, *job.tensors, job.sc, job.delta, job.mask_out), {}))
+
+    for idx in _chunks(jobs, structure):
+        compiled = jobs[idx[0]].compiled
+        if deferred:  # the caller sets the length and applies
+            res = run("defer", idx)
+            for i, s in zip(idx, res):
+                out[i] = StepSums(s[0], s[1], s[2])
+        elif rescale is None:
+            for i, k in zip(idx, run("apply", idx)):
+                out[i] = StepSums(k)
+        elif RESCALE_PASSES == "recompute" or not compiled:
+            res = run("sums", idx)
+            run("apply_rescaled", idx, sums=res)
+            for i, s in zip(idx, res):
+                out[i] = StepSums(s[0], s[1], s[2])
+        else:  # m⊙u to a scratch buffer with the sums, then the scaled apply
+            job0 = jobs[idx[0]]
+            sizes = [jobs[i].p.numel() for i in idx]
+            flat = _scratch(sum(sizes), job0.p.device, job0.sc.dtype)
+            ds = list(flat.split(sizes))
+            res = run("defer", idx, extra=ds)
+            _call_chunk("apply", compiled, [(jobs[i].p, d, s, jobs[i].sc) for i, d, s in zip(idx, ds, res)], {})
+            for i, s in zip(idx, res):
+                out[i] = StepSums(s[0], s[1], s[2])
+    return out  # type: ignore[return-value]
 
 
 def _check_lists(name: str, params: Sequence[Tensor], **lists: Sequence[Any] | None) -> None:
@@ -559,7 +645,7 @@ def masked_sgd_(
     values.update(wd=float(weight_decay), momentum=float(momentum), buf_momentum=float(momentum),
                   buf_damp1=1.0 - float(dampening), nesterov=1.0 if nesterov else 0.0)
     compiled = [use_fused(fused, p) for p in params]  # fused=True and unavailable: an error before any change
-    out: list[StepSums] = []
+    jobs: list[_Job] = []
     scalars: dict[tuple, Tensor] = {}
     for i, p in enumerate(params):
         g = grads[i] if grads is not None else None
@@ -576,9 +662,9 @@ def masked_sgd_(
         if key not in scalars:
             bufv = {"buf_momentum": 0.0, "buf_damp1": 1.0} if first else {}
             scalars[key] = _scalars(_SGD, {**values, **bufv}, p.device, cd)
-        out.append(_run("sgd", compiled[i], p, (g, buf, *stats), scalars[key], soft, rescale,
-                        deltas[i] if deltas is not None else None, masks[i] if masks is not None else None))
-    return out
+        jobs.append(_job(p, (g, buf, *stats), scalars[key], deltas[i] if deltas is not None else None,
+                         masks[i] if masks is not None else None, compiled[i]))
+    return _run_all("sgd", jobs, soft, rescale)
 
 
 @torch.no_grad()
@@ -624,7 +710,7 @@ def masked_adam_(
     values.update(w1=1.0 - float(beta1), beta2=float(beta2), omb2=1.0 - float(beta2), eps=float(eps))
     values["wdd" if decoupled_weight_decay else "wd"] = float(weight_decay)
     compiled = [use_fused(fused, p) for p in params]
-    out: list[StepSums] = []
+    jobs: list[_Job] = []
     scalars: dict[tuple, Tensor] = {}
     for i, p in enumerate(params):
         g = grads[i] if grads is not None else None
@@ -638,9 +724,10 @@ def masked_adam_(
             scalars[key] = _scalars(_ADAM, {**values, "bc1": 1 - beta1 ** step, "bc2s": (1 - beta2 ** step) ** 0.5},
                                     p.device, cd)
         vmax = max_exp_avg_sqs[i] if amsgrad else None  # type: ignore[index]
-        out.append(_run("adam", compiled[i], p, (g, exp_avgs[i], exp_avg_sqs[i], vmax, *stats), scalars[key], soft,
-                        rescale, deltas[i] if deltas is not None else None, masks[i] if masks is not None else None))
-    return out
+        jobs.append(_job(p, (g, exp_avgs[i], exp_avg_sqs[i], vmax, *stats), scalars[key],
+                         deltas[i] if deltas is not None else None, masks[i] if masks is not None else None,
+                         compiled[i]))
+    return _run_all("adam", jobs, soft, rescale)
 
 
 def scale_from_sums(how: str, sums: Sequence[StepSums], numels: Sequence[int], max_scale: float) -> Tensor:

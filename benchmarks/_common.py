@@ -343,7 +343,12 @@ MODELS = {
             "batch": {"cpu": 64, "cuda": 64}},
     "resnet18": {"desc": "torchvision ResNet-18, GroupNorm(32), 3x32x32", "input": (3, 32, 32),
                  "batch": {"cpu": 16, "cuda": 128}},
+    # few samples, many parameters: the elementwise part of the step (mask + update) dominates
+    "wide": {"desc": "wide MLP 2048-4096-2048 (16.8 M parameters, 2048 outputs, labels 0-9)", "input": (2048,),
+             "batch": {"cpu": 4, "cuda": 4}},
 }
+#: models whose per-sample statistics bench_stats compares with a float64 per-sample loop by default
+STATS_MODELS = ("mlp", "cnn", "resnet18")
 
 
 # HuggingFace models from tiny random configs (no download), dict batches {"input_ids", "attention_mask",
@@ -377,6 +382,8 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
         return SmallCNN()
     if name == "resnet18":
         return resnet18_gn()
+    if name == "wide":
+        return nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 2048))
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 

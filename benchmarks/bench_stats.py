@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     comparators = C.parse_list(args.comparators, DEFAULT_COMPARATORS)
     wanted = [c for c in comparators if c == "loop"] + C.parse_list(args.engines, DEFAULT_ENGINES) \
         + [c for c in comparators if c != "loop"]
-    models = C.parse_list(args.models, ["mlp", "cnn"] if args.quick else list(C.MODELS))
+    models = C.parse_list(args.models, ["mlp", "cnn"] if args.quick else list(C.STATS_MODELS))
     repeats = args.repeats or (2 if args.quick else 5)
     target = 0.0 if args.quick else 0.2
     out: dict[str, Any] = {}

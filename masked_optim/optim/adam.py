@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..stats import StatsEngine
+from .. import fused as fused_kernels
 from .base import ProbablyAlignedOptimizer, use_foreach
 from .options import DEFAULT, MaskOptions
 
@@ -28,7 +29,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         decoupled_weight_decay: AdamW's decoupled decay.
         model, loss_fn, confidence, forget_confidence, retain_confidence, quantile, soft, chunk_size,
         engine, forget_weight, retain_weight, certify, certify_policy, certify_tries, rescale,
-        rescale_scope, max_scale: see
+        rescale_scope, max_scale, fused: see
         :class:`~masked_optim.ProbablyAlignedSGD`.
     """
 
@@ -128,6 +129,22 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             steps.append(state["step"])
         return exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+
+    _fuses = True
+
+    def _fused_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], forget: Any, retain: Any,
+                      **kwargs: Any) -> list[Any]:
+        for g in grads:
+            if torch.is_complex(g):
+                raise ValueError(f"{type(self).__name__} does not support complex gradients")
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._init_group(group, params)
+        beta1, beta2 = group["betas"]
+        return fused_kernels.masked_adam_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if group["amsgrad"] else None, steps, forget, retain,
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], fused=group.get("fused"), **kwargs,
+        )
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], apply: bool, grads_owned: bool = False,

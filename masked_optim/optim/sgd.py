@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..stats import StatsEngine
+from .. import fused as fused_kernels
 from .base import ProbablyAlignedOptimizer, use_foreach
 from .options import DEFAULT, MaskOptions
 
@@ -26,7 +27,9 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
     Args:
         params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach: as torch.optim.SGD.
         model: the module whose parameters are optimised (per-sample statistics run through it).
-        loss_fn: per-sample loss ``loss_fn(outputs, targets)``; cross-entropy by default.
+        loss_fn: the per-sample loss: ``None`` (chosen from the batch: classification, or the
+            causal-LM / token loss for ``[n, L]`` labels, see :mod:`masked_optim.losses`), a built-in
+            name, or ``loss_fn(outputs, targets)`` applied one sample at a time.
         confidence: confidence ``c`` of both tests; ``None`` disables the mask. Not given: 0.95 for
             the forget test and 0.05 for the retain test (the defaults study's choice, see
             ``benchmarks/results/defaults_study/``): a coordinate moves when its update probably raises
@@ -55,6 +58,10 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         rescale_scope: ``"tensor"`` (each parameter's length), ``"group"`` (one factor per param
             group) or ``"global"`` (one factor for all groups that ask for it).
         max_scale: the largest factor (``"count"``: the kept fraction is floored at ``1/max_scale``).
+        fused: the masked step's elementwise part as one compiled pass per tensor
+            (:mod:`masked_optim.fused`): ``None`` where it pays off (CUDA, CPU tensors of at least
+            ``fused.CPU_MIN_NUMEL`` elements), ``True`` always, ``False`` never. Same masks as the
+            eager path; parameters and state to float tolerance.
     """
 
     def __init__(
@@ -118,6 +125,21 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
+
+    _fuses = True
+
+    def _fused_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], forget: Any, retain: Any,
+                      **kwargs: Any) -> list[Any]:
+        bufs = self._init_group(group, params)
+        sums = fused_kernels.masked_sgd_(
+            params, grads, bufs, forget, retain, lr=group["lr"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+            maximize=group["maximize"], fused=group.get("fused"), **kwargs,
+        )
+        if group["momentum"] != 0:
+            for p, buf in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = buf
+        return sums
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor | None]:
         if group["momentum"] == 0:

@@ -46,8 +46,8 @@ QUICK_BATCH = {"mlp": 16, "cnn": 8, "resnet18": 4, "wide": 4, "gpt2": 4, "bert":
 
 def make_variant(kind: str, engine: Any, model: torch.nn.Module, forget, retain, mask: str = "defaults"):
     """A zero-argument function doing one step of variant ``kind`` ('a', 'b' or 'c')."""
-    if kind == "a":
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    if kind in ("a", "af"):  # af: torch's fused SGD (one kernel for the whole update)
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD, fused=kind == "af")
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -97,7 +97,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec["device"])
     model, forget, retain = _setup(spec["model"], spec["batch"], device)
     engine = None
-    if spec["kind"] != "a":
+    if spec["kind"] not in ("a", "af"):
         engine, _ = C.resolve_engine(spec["engine"])
     step = make_variant(spec["kind"], engine, model, forget, retain, spec.get("mask", "defaults"))
     step()  # steady state: optimizer state allocated, lazy initialisation done
@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.quick:  # exercise the code, not measure: a few samples per batch
             batch = min(batch, QUICK_BATCH[model_name])
         base, forget, retain = _setup(model_name, batch, device)
-        steps: dict[str, Any] = {"a": make_variant("a", None, copy.deepcopy(base), forget, retain)}
+        steps: dict[str, Any] = {"a": make_variant("a", None, copy.deepcopy(base), forget, retain),
+                                 "af": make_variant("af", None, copy.deepcopy(base), forget, retain)}
         errors: dict[str, str] = {}
         for name, eng in resolved.items():
             try:
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         timing = C.interleaved_timing(steps, device=device, repeats=repeats, target_s=target, log=log,
                                       warmup=1)
         ratios = {
-            name: {"b/a": C.ratio_stats(timing, f"b[{name}]", "a"), "c/a": C.ratio_stats(timing, f"c[{name}]", "a")}
+            name: {"b/a": C.ratio_stats(timing, f"b[{name}]", "a"), "c/a": C.ratio_stats(timing, f"c[{name}]", "a"),
+                   "c/af": C.ratio_stats(timing, f"c[{name}]", "af")}
             for name in ok
         }
         kept, routes = {}, {}
@@ -188,6 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "lr": LR, "momentum": MOMENTUM, "weight_decay": WD, "mask": args.mask,
               "mask_options": MASKS[args.mask],
               "variants": {"a": "plain NegGrad+ forward+backward (forget and retain) + torch.optim.SGD.step",
+                           "af": "the same with torch.optim.SGD(fused=True)",
                            "b": "ProbablyAlignedSGD.step(forget, retain), default direction, no caller backward",
                            "c": "caller's NegGrad+ backward, then ProbablyAlignedSGD.step(forget, retain)"},
               "memory": ("CUDA: torch.cuda.max_memory_allocated above the allocation before one step "
@@ -198,8 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(payload: dict[str, Any]) -> str:
     """Markdown table of the step ratios and peak memory."""
-    rows = ["| model | B | engine | a: plain (ms) | b/a | c/a | peak mem a / b / c (MiB) | kept (b) | rules / layer / whole |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | B | engine | a: plain (ms) | b/a | c/a | c/af | peak mem a / b / c (MiB) | kept (b) | "
+            "rules / layer / whole |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in payload["models"].items():
         a_ms = m["timing"]["a"]["median_s"] * 1e3
         for eng, r in m["ratios"].items():
@@ -210,10 +213,13 @@ def table(payload: dict[str, Any]) -> str:
             kept = m["kept_fraction_last_b_step"].get(eng)
             rt = m.get("parameter_elements_by_route", {}).get(eng)
             routes = "–" if not rt else " / ".join(f"{rt[k]:.0%}" for k in ("rules", "layer", "whole"))
+            caf = r.get("c/af")
             rows.append(f"| {name} | {m['batch_forget']} | {eng} | {a_ms:.2f} | {r['b/a']['median']:.2f}× | "
-                        f"{r['c/a']['median']:.2f}× | {' / '.join(mems)} | "
+                        f"{r['c/a']['median']:.2f}× | {'–' if caf is None else format(caf['median'], '.2f') + '×'} | "
+                        f"{' / '.join(mems)} | "
                         f"{'–' if kept is None else f'{kept:.1%}'} | {routes} |")
-    rows += ["", "b/a, c/a: median of per-repeat ratios. Peak mem: extra memory of one step above the steady "
+    rows += ["", "b/a, c/a: median of per-repeat ratios; c/af: c against the plain step with torch's "
+             "SGD(fused=True). Peak mem: extra memory of one step above the steady "
              "state (CPU: peak RSS, fresh process per variant; a few MiB is within the C allocator's noise). "
              "kept: fraction of coordinates the mask kept in the last b step. rules / layer / whole: share of "
              "parameter elements whose statistics come from layer rules, the per-layer fallback and the "

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from masked_optim import fused as F
-from masked_optim.mask import Constraint, _coeff, feasibility_mask, normal_quantile, step_scale
+from masked_optim.mask import Constraint, coeff as _coeff, feasibility_mask, normal_quantile, step_scale
 
 COMPILED = F.available("cpu")
 needs_compiler = pytest.mark.skipif(not COMPILED, reason=f"no fused kernels here: {F.why_unavailable('cpu')}")

@@ -412,7 +412,7 @@ def test_constructor_validation():
     with pytest.raises(ValueError, match="quantile"):
         ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, quantile="cauchy")
     with pytest.raises(ValueError, match="fused"):
-        ProbablyAlignedAdam(model.parameters(), model=model, fused=True)
+        ProbablyAlignedAdam(model.parameters(), model=model, fused="yes")
 
 
 def test_sparse_gradients_rejected():

@@ -197,7 +197,7 @@ def test_copies_keep_the_configuration_and_step_identically(kind, how):
 @pytest.mark.parametrize(
     "bad, msg",
     [(dict(confidence=1.5), "confidence"), (dict(quantile="z"), "quantile"), (dict(rescale="len"), "rescale"),
-     (dict(max_scale=0.5), "max_scale"), (dict(fused=True), "fused")],
+     (dict(max_scale=0.5), "max_scale"), (dict(fused="yes"), "fused")],
 )
 def test_rejected_param_group_leaves_the_optimizer_unchanged(bad, msg):
     model = _net()

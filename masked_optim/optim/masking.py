@@ -19,7 +19,7 @@ from ..mask import Constraint, Term, coeff, feasibility_mask, feasibility_masks,
 from .diagnostics import counts
 
 __all__ = ["GUARD_HALVINGS", "GroupTests", "Side", "Update", "apply_updates", "guarded_apply", "kept_counts",
-           "masks_of", "step_scales"]
+           "masks_of", "moves_of", "step_scales", "subset"]
 
 Rescale = tuple[str, str, float]  # (how, scope, max_scale) of the step-length option
 GUARD_HALVINGS = 4  # retain_guard: 1, 1/2, …, 1/16 of the step, then none
@@ -78,6 +78,13 @@ class GroupTests:
         """The masks of several parameters with ``torch._foreach_*`` kernels (no free positions)."""
         return feasibility_masks(us, [self.forget[i] for i in idx] if self.forget else None,
                                  [self.retain[i] for i in idx] if self.retain else None, self.soft)
+
+
+def subset(side: Side | None, idx: Sequence[int]) -> Side | None:
+    """One side's test for the parameters at positions ``idx``."""
+    if side is None:
+        return None
+    return Side([side.means[i] for i in idx], [side.m2s[i] for i in idx], side.n, side.q, side.sign)
 
 
 @dataclasses.dataclass
@@ -150,24 +157,27 @@ def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], scales: Seque
             up.param.addcmul_(finite(up.u), m if s is None else m * s.to(m.device), value=-up.lr)
 
 
-def guarded_apply(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None],
-                  loss_after: Callable[[], float], limit: float) -> float:
-    """Apply the masked step, then back it off while ``loss_after()`` (the retain batch's mean loss
-    at the moved parameters) exceeds ``limit``: halved up to :data:`GUARD_HALVINGS` times, then
-    undone. Returns the share of the step that stays; the optimizer state is the base optimizer's
-    either way."""
-    deltas = []
-    for up, m, s in zip(updates, ms, scales):
-        d = finite(up.u) * (m if s is None else m * s.to(m.device))
-        up.param.add_(d, alpha=-up.lr)
-        deltas.append((up.param, d, up.lr))
+def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None]
+             ) -> list[tuple[Tensor, Tensor, float]]:
+    """``(param, s·m⊙u, lr)`` of every update: what :func:`guarded_apply` moves."""
+    return [(up.param, finite(up.u) * (m if s is None else m * s.to(m.device)), up.lr)
+            for up, m, s in zip(updates, ms, scales)]
+
+
+def guarded_apply(moves: Sequence[tuple[Tensor, Tensor, float]], loss_after: Callable[[], float], limit: float
+                  ) -> float:
+    """Apply ``θ ← θ − lr·d`` for every move, then back it off while ``loss_after()`` (the retain
+    batch's mean loss at the moved parameters) exceeds ``limit``: halved up to
+    :data:`GUARD_HALVINGS` times, then undone. Returns the share of the step that stays; the
+    optimizer state is the base optimizer's either way."""
+    for p, d, lr in moves:
+        p.add_(d, alpha=-lr)
     fraction = 1.0
     for k in range(GUARD_HALVINGS + 1):
         if loss_after() <= limit:
             return fraction
         new = 0.5 * fraction if k < GUARD_HALVINGS else 0.0
-        for p, d, lr in deltas:
+        for p, d, lr in moves:
             p.add_(d, alpha=lr * (fraction - new))
         fraction = new
     return fraction
-

@@ -128,8 +128,8 @@ def validate_group(group: dict[str, Any], owner: str, model_param_ids: set[int],
     cap = group["max_scale"]
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 1.0 <= cap < math.inf:
         raise ValueError(f"max_scale must be a finite number >= 1, got {cap!r}")
-    if group.get("fused"):
-        raise ValueError(f"{owner} does not support fused=True")
+    if group.get("fused") not in (None, False, True):
+        raise ValueError(f"fused must be None, False or True, got {group['fused']!r}")
     if group.get("differentiable"):
         raise ValueError(f"{owner} does not support differentiable=True")
     for i, p in enumerate(group["params"]):

@@ -535,6 +535,28 @@ def test_without_mask_output_same_step():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_compiler)])
+def test_chunks_of_mixed_structures(fused):
+    """Tensors of several structures (dtype, layout, first momentum step or not) and more tensors than
+    one chunk: each runs with its own kind, and the step is the reference's."""
+    gen = torch.Generator().manual_seed(17)
+    sizes = [300, 200, 100, 400, 500, 600, 700]
+    fs, rs = sides(0.95, 0.05, gen, sizes)
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32, torch.float32,
+              torch.float32]
+    params = [torch.randn(k, generator=gen).to(dt) for k, dt in zip(sizes, dtypes)]
+    grads = [torch.randn(k, generator=gen).to(dt) for k, dt in zip(sizes, dtypes)]
+    bufs = [None, None, torch.randn(100, generator=gen), None, None, None, None]
+    want, want_b, want_m, _, _ = ref_sgd(params, grads, bufs, fs, rs, lr=0.1, momentum=0.9)
+    masks = [torch.empty(k) for k in sizes]
+    F.masked_sgd_(params, grads, bufs, fs, rs, lr=0.1, momentum=0.9, masks=masks, fused=fused)
+    assert_masks_equal(masks, want_m, False)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p, w, rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    for b, w in zip(bufs, want_b):
+        torch.testing.assert_close(b, w, rtol=1e-2 if b.dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
 def test_non_contiguous_parameters_run_eagerly():
     gen = torch.Generator().manual_seed(13)
     p = torch.randn(64, 48, generator=gen).t()  # non-contiguous

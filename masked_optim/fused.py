@@ -94,10 +94,11 @@ __all__ = [
 ]
 
 #: ``fused=None`` compiles CPU tensors from this many elements on; smaller ones run eagerly, where the
-#: call overhead of a compiled kernel (dynamo's guards and wrappers: ~0.08 ms a tensor) is more than
-#: the passes it saves. Measured (one thread, masked SGD with momentum, fused / the optimizers' eager
-#: path): 2.5x at 2^14 elements, 1.2x at 2^16, 0.43x at 2^18, 0.24x at 2^20.
-CPU_MIN_NUMEL = 1 << 17
+#: call overhead of compiled kernels (dynamo's guards and wrappers, shared by a chunk of GROUP_SIZE
+#: tensors) is more than the passes it saves. Measured (one thread, masked SGD with momentum, 16
+#: tensors a step, fused / the optimizers' eager path): 1.7x at 2^12 elements, 1.5x at 2^14, 1.0x at
+#: 2^15, 0.63x at 2^16, 0.42x at 2^17.
+CPU_MIN_NUMEL = 1 << 16
 
 #: how ``rescale`` runs on one tensor: "scratch" (pass 1 advances the state and writes m⊙u to a scratch
 #: buffer with the sums; pass 2 reads it back: 12 B/param more than the unscaled step) or "recompute"

@@ -590,8 +590,11 @@ def _stats_inputs(i: int, forget: Side | None, retain: Side | None, direction: D
             raise ValueError("grads=None needs a direction with forget and/or retain means")
     f = (forget.means[i], forget.m2s[i]) if forget is not None else (None, None)
     r = (retain.means[i], retain.m2s[i]) if retain is not None else (None, None)
-    dmf = direction.forget_means[i] if grads is None and direction.forget_means is not None else None  # type: ignore[union-attr]
-    dmr = direction.retain_means[i] if grads is None and direction.retain_means is not None else None  # type: ignore[union-attr]
+    dmf = dmr = None
+    if grads is None:
+        assert direction is not None
+        dmf = None if direction.forget_means is None else direction.forget_means[i]
+        dmr = None if direction.retain_means is None else direction.retain_means[i]
     return (*f, *r, dmf, dmr)
 
 

@@ -186,8 +186,9 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
         def fn() -> None:
             F.RESCALE_PASSES = passes
             try:
-                F.masked_adam_(params, None if direction_ else grads, t["fused_exp_avgs"], t["fused_exp_avg_sqs"], None,
-                               t["fused_steps"], *fsides, rescale=rescale, direction=direction_, fused=True, **adam_kw)
+                F.masked_adam_(params, None if direction_ else grads, t["fused_exp_avgs"], t["fused_exp_avg_sqs"],
+                               None, t["fused_steps"], *fsides, rescale=rescale, direction=direction_, fused=True,
+                               **adam_kw)
             finally:
                 F.RESCALE_PASSES = "scratch"
         return fn
@@ -196,7 +197,8 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
     fns = {
         "copy": copy, "mask": mask_only,
         "sgd_torch": sgd.step, "sgd_torch_fused": sgd_fused.step, "sgd_masked": sgd_masked(None),
-        "sgd_masked_norm": sgd_masked(norm), "sgd_fused": sgd_fused_step(), "sgd_fused_stats": sgd_fused_step(direction),
+        "sgd_masked_norm": sgd_masked(norm), "sgd_fused": sgd_fused_step(),
+        "sgd_fused_stats": sgd_fused_step(direction),
         "sgd_fused_norm": sgd_fused_step(rescale="norm"),
         "sgd_fused_norm_recompute": sgd_fused_step(rescale="norm", passes="recompute"),
         "adam_torch": adam.step, "adam_torch_fused": adam_fused.step, "adam_masked": adam_masked(None),
@@ -377,9 +379,9 @@ def table(payload: dict[str, Any]) -> str:
             for c in cols:
                 n = f"{fam}_{c}"
                 cells.append(f"{tm[n]['median_s'] * 1e3:.2f} ms, {gb[n]:.1f} GB/s" if n in tm else "–")
-            rs = [f"{r[k]['median']:.2f}×" if k in r else "–"
-                  for k in (f"{fam}_fused/{fam}_torch_fused", f"{fam}_fused/{fam}_torch", f"{fam}_fused/{fam}_masked")]
-            rows.append(f"| {float(total):.0e} | {label} | {copy} | " + " | ".join(cells) + " | " + " | ".join(rs) + " |")
+            keys = (f"{fam}_fused/{fam}_torch_fused", f"{fam}_fused/{fam}_torch", f"{fam}_fused/{fam}_masked")
+            rs = [f"{r[k]['median']:.2f}×" if k in r else "–" for k in keys]
+            rows.append(f"| {float(total):.0e} | {label} | {copy} | " + " | ".join(cells + rs) + " |")
     notes = []
     acc = payload.get("acceptance", {})
     if acc.get("met") is not None:
@@ -395,8 +397,9 @@ def table(payload: dict[str, Any]) -> str:
                              f"by a scratch m⊙u: {r[k]['median']:.2f}×")
     comp = payload.get("compile", {})
     if "sgd" in comp:
-        notes.append(f"- compile (fresh process, inductor caches off): SGD first call {comp['sgd']['first_call_s']:.1f} s, "
-                     f"Adam {comp['adam']['first_call_s']:.1f} s, rescaled SGD {comp['sgd_rescale_norm']['first_call_s']:.1f} s; "
+        first = {k: comp[k]["first_call_s"] for k in ("sgd", "adam", "sgd_rescale_norm")}
+        notes.append(f"- compile (fresh process, inductor caches off): SGD first call {first['sgd']:.1f} s, "
+                     f"Adam {first['adam']:.1f} s, rescaled SGD {first['sgd_rescale_norm']:.1f} s; "
                      f"graphs after a 6-lr schedule: {comp['sgd']['graphs_after_schedule']}, "
                      f"{comp['adam']['graphs_after_schedule']}, {comp['sgd_rescale_norm']['graphs_after_schedule']}")
     notes += [f"- P={k}: skipped, {v}" for k, v in payload["skipped"].items()]

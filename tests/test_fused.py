@@ -185,7 +185,7 @@ def assert_params_close(got, want, old, us, scales, lr, soft=False):
     for g, w, o, u, s in zip(got, want, old, us, scales):
         dt = g.dtype
         if dt in (torch.bfloat16, torch.float16):
-            ulp = torch.finfo(dt).eps * torch.maximum(w.float().abs(), torch.full_like(w.float(), torch.finfo(dt).tiny))
+            ulp = torch.finfo(dt).eps * w.float().abs().clamp_min(torch.finfo(dt).tiny)
             err = (g.float() - w.float()).abs()
             assert bool((err <= ulp * 1.0001).all()), f"{dt}: max error {float((err / ulp).max()):.2f} ulp"
             continue
@@ -232,10 +232,12 @@ def run_sgd_schedule(opts, gen, *, dtype=torch.float32, fused=True, sizes=SIZES,
     after_first = None
     for t, lr in enumerate(LRS):
         grads = None if grads_from == "stats" else randn(sizes, gen, dtype)
-        direction = F.Direction(fs.means if fs else None, rs.means if rs else None, 0.7, 1.3) if grads is None else None
+        direction = None if grads is not None else F.Direction(fs.means if fs else None, rs.means if rs else None,
+                                                               0.7, 1.3)
         masks = [torch.empty(k) for k in sizes]
-        want_p, want_b, want_m, want_s, us = ref_sgd(params, grads, ref_bufs, fs, rs, lr=lr, soft=soft, rescale=rescale,
-                                                     max_scale=max_scale, direction=direction, **opts)
+        want_p, want_b, want_m, want_s, us = ref_sgd(params, grads, ref_bufs, fs, rs, lr=lr, soft=soft,
+                                                     rescale=rescale, max_scale=max_scale, direction=direction,
+                                                     **opts)
         old = [p.clone() for p in params]
         sums = F.masked_sgd_(params, grads, bufs, fs, rs, lr=lr, soft=soft, rescale=rescale, max_scale=max_scale,
                              direction=direction, masks=masks, fused=fused, **opts)
@@ -334,7 +336,8 @@ def run_adam_schedule(opts, gen, *, dtype=torch.float32, fused=True, sizes=SIZES
     after_first = None
     for t, lr in enumerate(LRS):
         grads = None if grads_from == "stats" else randn(sizes, gen, dtype)
-        direction = F.Direction(fs.means if fs else None, rs.means if rs else None, 1.0, 0.5) if grads is None else None
+        direction = None if grads is not None else F.Direction(fs.means if fs else None, rs.means if rs else None,
+                                                               1.0, 0.5)
         masks = [torch.empty(k) for k in sizes]
         want_p, want_st, want_m, want_s, us = ref_adam(params, grads, m1, m2, mx, t + 1, fs, rs, lr=lr, soft=soft,
                                                        rescale=rescale, max_scale=max_scale, direction=direction, **opts)
@@ -490,7 +493,8 @@ def test_sum_of_squares_with_adjusted_threshold_is_the_same_mask():
 
     def sq(side):
         qa = side.q / math.sqrt(1 + side.q ** 2 / (side.n - 1))
-        return F.Side(side.means, [m2 + side.n * mu * mu for mu, m2 in zip(side.means, side.m2s)], side.n, qa, side.sign)
+        sums = [m2 + side.n * mu * mu for mu, m2 in zip(side.means, side.m2s)]
+        return F.Side(side.means, sums, side.n, qa, side.sign)
 
     grads = randn(SIZES, gen)
     masks = [[torch.empty(k) for k in SIZES] for _ in range(2)]
@@ -534,9 +538,32 @@ def test_without_mask_output_same_step():
     bufs_a, bufs_b = [None] * 3, [None] * 3
     for lr in LRS[:2]:
         ka = F.masked_sgd_(a, grads, bufs_a, fs, rs, lr=lr, momentum=0.9, fused=True)
-        kb = F.masked_sgd_(b, grads, bufs_b, fs, rs, lr=lr, momentum=0.9, fused=True, masks=[torch.empty(k) for k in SIZES])
+        kb = F.masked_sgd_(b, grads, bufs_b, fs, rs, lr=lr, momentum=0.9, fused=True,
+                           masks=[torch.empty(k) for k in SIZES])
         assert [float(x.kept) for x in ka] == [float(x.kept) for x in kb]
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_compiler)])
+def test_chunks_of_mixed_structures(fused):
+    """Tensors of several structures (dtype, layout, first momentum step or not) and more tensors than
+    one chunk: each runs with its own kind, and the step is the reference's."""
+    gen = torch.Generator().manual_seed(17)
+    sizes = [300, 200, 100, 400, 500, 600, 700]
+    fs, rs = sides(0.95, 0.05, gen, sizes)
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32, torch.float32,
+              torch.float32]
+    params = [torch.randn(k, generator=gen).to(dt) for k, dt in zip(sizes, dtypes)]
+    grads = [torch.randn(k, generator=gen).to(dt) for k, dt in zip(sizes, dtypes)]
+    bufs = [None, None, torch.randn(100, generator=gen), None, None, None, None]
+    want, want_b, want_m, _, _ = ref_sgd(params, grads, bufs, fs, rs, lr=0.1, momentum=0.9)
+    masks = [torch.empty(k) for k in sizes]
+    F.masked_sgd_(params, grads, bufs, fs, rs, lr=0.1, momentum=0.9, masks=masks, fused=fused)
+    assert_masks_equal(masks, want_m, False)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p, w, rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    for b, w in zip(bufs, want_b):
+        torch.testing.assert_close(b, w, rtol=1e-2 if b.dtype == torch.bfloat16 else 1e-6, atol=1e-6)
 
 
 def test_non_contiguous_parameters_run_eagerly():

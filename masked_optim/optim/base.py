@@ -21,13 +21,13 @@ from torch.optim import Optimizer
 from ..batches import Batch, ParsedBatch, parse_batch
 from ..certify import directional_derivatives
 from ..losses import PerSampleLoss
-from .. import fused as fused_kernels
 from ..mask import quantile
 from ..stats import GatheringEngine, GradStats, PairEngine, StatsEngine, acc_dtype, eval_behaviour, unwrap_model
 from .certification import certify_step, restore_state, snapshot_state
 from .diagnostics import RawDiagnostics, StepDiagnostics
+from .fusing import fused_positions, fused_step
 from .masking import (GroupTests, Side, Update, apply_updates, guarded_apply, kept_counts, masks_of, moves_of,
-                      step_scales, subset)
+                      step_scales)
 from .options import MASK_KEYS, MaskOptions, make_engine, validate_group
 
 __all__ = ["ProbablyAlignedOptimizer", "use_foreach"]
@@ -203,9 +203,10 @@ class ProbablyAlignedOptimizer(Optimizer):
         fused_moves: list[tuple[Tensor, Tensor, float]] = []  # deferred fused steps: (param, s·m⊙u, lr)
         fused_kept: dict[int, list[Tensor]] = {}
         for group, params, grads, tests in work:
-            fused = self._fused_positions(group, params, tests, certify)
+            fused = fused_positions(group, params, tests, certify) if self._fuses else []
             if fused:
-                fused_kept[id(tests)] = self._fused_step(group, params, grads, tests, fused, guard, fused_moves)
+                fused_kept[id(tests)] = fused_step(self._fused_update, group, params, grads, tests, fused, guard,
+                                                   fused_moves)
                 rest = [i for i in range(len(params)) if i not in set(fused)]
                 params, grads = [params[i] for i in rest], [grads[i] for i in rest]
             else:
@@ -376,35 +377,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             check_retain if check_retain is not None else retain,
         )
 
-    # -- the fused step (masked_optim.fused) ---------------------------------------------------------
-    def _fused_positions(self, group: dict[str, Any], params: list[Tensor], tests: GroupTests | None,
-                         certify: bool) -> list[int]:
-        """The group's positions whose masked step runs as one compiled pass (``fused``: ``True``,
-        ``False`` or ``None``, where it pays off). Only a masked group whose step length is set per
-        tensor, without frozen-after-backward positions and outside the whole-update test (which
-        tries several masks) takes it."""
-        if (tests is None or certify or tests.free or (tests.forget is None and tests.retain is None)
-                or (tests.rescale is not None and tests.rescale[1] != "tensor") or not self._fuses):
-            return []
-        return [i for i, p in enumerate(params) if fused_kernels.use_fused(group.get("fused"), p)]
-
-    def _fused_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], tests: GroupTests,
-                    idx: list[int], defer: bool, moves: list[tuple[Tensor, Tensor, float]]) -> list[Tensor]:
-        """The fused masked step of ``params[idx]``: applied now, or (``defer``: the retain guard)
-        advanced and its moves ``(param, s·m⊙u, lr)`` appended to ``moves``. Returns the kept counts."""
-        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
-        forget, retain = subset(tests.forget, idx), subset(tests.retain, idx)
-        how, _, cap = tests.rescale if tests.rescale is not None else (None, "tensor", 100.0)
-        deltas = [torch.empty_like(p) for p in ps] if defer else None
-        sums = self._fused_update(group, ps, gs, forget, retain, soft=tests.soft, rescale=how, max_scale=cap,
-                                  deltas=deltas)
-        if deltas is not None:
-            for p, d, ss in zip(ps, deltas, sums):
-                if how is not None:  # the tensor's own length, from the pass's sums
-                    d.mul_(fused_kernels.scale_from_sums(how, [ss], [p.numel()], cap).to(d.dtype))
-                moves.append((p, d, group["lr"]))
-        return [ss.kept for ss in sums]
-
+    # -- the fused step (masked_optim.fused, .fusing) --------------------------------------------------
     #: whether the subclass has a fused step (:meth:`_fused_update`)
     _fuses = False
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..batches import Batch, ParsedBatch, parse_batch
@@ -226,8 +226,10 @@ class ProbablyAlignedOptimizer(Optimizer):
             scales = step_scales(updates, ms)
             if guard:
                 limit = float(stats_r.loss) + float(self.retain_guard)  # type: ignore[union-attr,arg-type]
+                model = unwrap_model(self.model)
+                batch = parsed_r.to(next(model.parameters()).device)  # type: ignore[union-attr]  # once, not per try
                 step_fraction = guarded_apply(moves_of(updates, ms, scales) + fused_moves,
-                                              lambda: float(self._batch_loss(retain)), limit)
+                                              lambda: float(self._batch_loss(model, batch)), limit)
             else:
                 apply_updates(updates, ms, scales)
 
@@ -418,13 +420,11 @@ class ProbablyAlignedOptimizer(Optimizer):
         # a distributed engine gathers every rank's values: all ranks test the global batch
         return self.engine.gather_samples(d) if isinstance(self.engine, GatheringEngine) else d
 
-    def _batch_loss(self, batch: Batch) -> Tensor:
-        """Mean loss of ``batch`` at the current parameters, in eval behaviour as the statistics are."""
-        model = unwrap_model(self.model)
-        dev = next(model.parameters()).device
-        parsed = parse_batch(batch).to(dev)
-        with torch.no_grad(), eval_behaviour(model), torch.autocast(dev.type, enabled=False):
-            return self._loss.mean(model, parsed, parsed.call(model))
+    def _batch_loss(self, model: nn.Module, batch: ParsedBatch) -> Tensor:
+        """Mean loss of ``batch`` (parsed, on the model's device) at the current parameters of the
+        bare ``model``, in eval behaviour as the statistics are."""
+        with torch.no_grad(), eval_behaviour(model), torch.autocast(batch.targets.device.type, enabled=False):
+            return self._loss.mean(model, batch, batch.call(model))
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], apply: bool,
                       grads_owned: bool = False) -> list[Tensor] | None:

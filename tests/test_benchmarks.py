@@ -116,3 +116,24 @@ def test_engine_resolution():
     assert eng is not None and "VmapEngine" in desc
     eng, why = C.resolve_engine("no-such-engine")
     assert eng is None and "not available" in why
+
+
+def test_step_phases_reports_each_phase_share(tmp_path):
+    """benchmarks/step_phases.py: the phases' shares of one masked step are fractions that do not
+    exceed the step (they are measured inside it) and the wrapped functions are restored."""
+    import importlib.util
+    import pathlib
+
+    from masked_optim.optim import base
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "step_phases.py"
+    spec = importlib.util.spec_from_file_location("step_phases", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = base.ProbablyAlignedOptimizer._statistics
+    out = mod.main(["--models", "mlp", "--repeats", "2", "--out", str(tmp_path)])
+    shares = out["models"]["mlp"]["share_of_step"]
+    assert "statistics (forward, δ backward, layer rules)" in shares
+    assert all(0.0 < v for v in shares.values()) and sum(shares.values()) <= 1.0 + 1e-9
+    assert base.ProbablyAlignedOptimizer._statistics is before
+    assert (tmp_path / "step_phases.json").is_file()

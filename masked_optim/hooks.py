@@ -87,6 +87,10 @@ class HookEngine:
         self.verify = verify
         self._plan: _Plan | None = None
         self._warned: set[tuple[str, str]] = set()
+        # what the last forward+backward saw: parameters whose layer's batch could not be split (left
+        # to the whole-model fallback) and the per-sample losses (the self-check's one-sample test)
+        self._last_unsplittable: set[int] = set()
+        self._last_losses: Tensor | None = None
 
     #: :meth:`pair` takes ``sq=True`` (``Σ_k g_k²`` in place of M2; see :class:`~masked_optim.stats.StatsEngine`)
     pair_sq = True
@@ -268,8 +272,6 @@ class HookEngine:
                 m2s.append(r[1])
             outs.append((means, m2s, seg_losses[seg]))
         return outs
-
-    _last_unsplittable: set[int] = set()
 
     def _verify(self, model: nn.Module, params: list[Tensor], plan: _Plan, batch: ParsedBatch, loss: PerSampleLoss) -> None:
         """Check the plan against autograd on ``batch`` (see the module docstring); mark it verified."""

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from masked_optim import HookEngine, ProbablyAlignedSGD, VmapEngine
-from masked_optim import hooks, rules, taps
+from masked_optim import rules, taps
 from masked_optim.hooks import supports
 
 from .helpers import loop_moments

@@ -87,10 +87,6 @@ class HookEngine:
         self.verify = verify
         self._plan: _Plan | None = None
         self._warned: set[tuple[str, str]] = set()
-        # what the last forward+backward saw: parameters whose layer's batch could not be split (left
-        # to the whole-model fallback) and the per-sample losses (the self-check's one-sample test)
-        self._last_unsplittable: set[int] = set()
-        self._last_losses: Tensor | None = None
 
     #: :meth:`pair` takes ``sq=True`` (``Σ_k g_k²`` in place of M2; see :class:`~masked_optim.stats.StatsEngine`)
     pair_sq = True
@@ -171,7 +167,7 @@ class HookEngine:
                 self._verify(model, params, plan, parsed[0], loss)
             if one_pass:
                 batch = concat(parsed)
-                outs = self._pass(model, params, plan, batch, [b.n for b in parsed], loss, sq)
+                outs, _ = self._pass(model, params, plan, batch, [b.n for b in parsed], loss, sq)
                 for acc, b, out in zip(accs, parsed, outs):
                     merge_into(acc, b.n, *out)
                     acc.sumsq = sq
@@ -180,9 +176,9 @@ class HookEngine:
                     chunk = b.n if self.chunk_size is None else min(self.chunk_size, b.n)
                     for start in range(0, b.n, chunk):
                         stop = min(start + chunk, b.n)
-                        outs = self._pass(model, params, plan, b.slice(start, stop), [stop - start], loss, False)
+                        outs, _ = self._pass(model, params, plan, b.slice(start, stop), [stop - start], loss, False)
                         merge_into(acc, stop - start, *outs[0])
-        whole = sorted(plan.whole | self._last_unsplittable)
+        whole = sorted(plan.whole)
         if whole:
             if self.fallback is None:
                 raise ValueError(f"HookEngine(fallback=None) cannot compute the statistics of {[plan.names[i] for i in whole]}")
@@ -195,9 +191,12 @@ class HookEngine:
         return accs
 
     def _pass(self, model: nn.Module, params: list[Tensor], plan: _Plan, batch: ParsedBatch, segments: list[int],
-              loss: PerSampleLoss, sq: bool, check: dict[int, Tensor] | None = None) -> list[tuple[list[Tensor], list[Tensor], Tensor]]:
-        """One forward+backward; per segment ``(means, m2s, mean loss)``. ``check``: filled with
-        autograd's gradient of the summed loss for every parameter (verification)."""
+              loss: PerSampleLoss, sq: bool, check: dict[int, Tensor] | None = None
+              ) -> tuple[list[tuple[list[Tensor], list[Tensor], Tensor]], Tensor]:
+        """One forward+backward; per segment ``(means, m2s, mean loss)``, and the per-sample losses.
+        ``check``: filled with autograd's gradient of the summed loss for every parameter
+        (verification). Parameters whose layer's batch cannot be split join the plan's whole-model
+        fallback."""
         dtypes = [acc_dtype(p.dtype) for p in params]
         st = State(batch.n, segments, len(params), sq)
         hooked = {i for _, owned in plan.rules.values() for i in owned.values()}
@@ -245,11 +244,10 @@ class HookEngine:
         finally:
             for h in handles:
                 h.remove()
-        self._last_unsplittable = set(st.unsplittable)
-        self._last_losses = losses.detach()
-        for i, why in st.unsplittable.items():
+        for i, why in st.unsplittable.items():  # left to the whole-model fallback, from this pass on
+            plan.whole.add(i)
             self._warn_once(plan.names[i], why)
-        return self._collect(params, dtypes, st, losses, segments)
+        return self._collect(params, dtypes, st, losses, segments), losses.detach()
 
     def _collect(self, params: list[Tensor], dtypes: list[torch.dtype], st: State, losses: Tensor,
                  segments: list[int]) -> list[tuple[list[Tensor], list[Tensor], Tensor]]:
@@ -276,11 +274,12 @@ class HookEngine:
     def _verify(self, model: nn.Module, params: list[Tensor], plan: _Plan, batch: ParsedBatch, loss: PerSampleLoss) -> None:
         """Check the plan against autograd on ``batch`` (see the module docstring); mark it verified."""
         check: dict[int, Tensor] = {}
-        out = self._pass(model, params, plan, batch, [batch.n], loss, False, check=check)[0]
+        outs, losses = self._pass(model, params, plan, batch, [batch.n], loss, False, check=check)
+        out = outs[0]
         bad = []
         scale = max((float(g.norm()) for g in check.values()), default=0.0)
         for i, g in check.items():
-            if i in plan.whole or i in self._last_unsplittable:
+            if i in plan.whole:
                 continue
             total = out[0][i] * batch.n
             err = float((total - g).norm())
@@ -291,7 +290,7 @@ class HookEngine:
             self._warn_once(plan.names[i], "its per-layer gradients do not add up to autograd's gradient (the "
                             "parameter is used outside its layer's forward, or a hook changes the layer's output)")
         if batch.n > 1:
-            together = self._last_losses[0]
+            together = losses[0]
             with torch.no_grad():
                 one = batch.slice(0, 1)
                 alone = loss.batched(model, one, one.call(model))[0]

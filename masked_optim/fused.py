@@ -78,6 +78,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .mask import check_step_length, length_factor
 from .mask import coeff as _coeff_of
 
 __all__ = [
@@ -742,12 +743,7 @@ def masked_adam_(
 def scale_from_sums(how: str, sums: Sequence[StepSums], numels: Sequence[int], max_scale: float) -> Tensor:
     """The step-length factor of the pooled tensors (a group's, or every group's), from the sums of
     deferred passes: :func:`masked_optim.mask.step_scale` without the masks. 0-dim, float64."""
-    if how not in ("count", "norm"):
-        raise ValueError(f"rescale must be 'count' or 'norm', got {how!r}")
-    if not 1.0 <= max_scale < math.inf:
-        raise ValueError(f"max_scale must be a finite number >= 1, got {max_scale!r}")
-    if not sums:
-        raise ValueError("scale_from_sums needs at least one tensor")
+    check_step_length(how, max_scale, len(sums))
     dev = sums[0].kept.device
 
     def total(key: int) -> Tensor:
@@ -757,13 +753,10 @@ def scale_from_sums(how: str, sums: Sequence[StepSums], numels: Sequence[int], m
         return torch.stack([v.to(dev) for v in vals]).sum()
 
     if how == "count":
-        n = float(sum(numels))
-        return n / total(0).clamp_min(n / max_scale)
-    ratio = torch.nan_to_num(total(1) / total(2), nan=1.0, posinf=1.0)
-    return ratio.sqrt_().clamp_(1.0, max_scale)
+        return length_factor(how, max_scale, float(sum(numels)), kept=total(0))
+    return length_factor(how, max_scale, 0.0, full_sq=total(1), part_sq=total(2))
 
 
-@torch.no_grad()
 def apply_deltas_(params: Sequence[Tensor], deltas: Sequence[Tensor], lr: float,
                   scales: Sequence[Tensor | float | None] | None = None) -> None:
     """``θ ← θ − lr·s·d`` for deferred steps (``s``: a 0-dim tensor, a number or ``None`` for 1)."""

@@ -59,21 +59,35 @@ def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max
     The sign of every first-order change ``⟨s·m⊙u, g⟩`` is that of ``⟨m⊙u, g⟩`` (``s > 0``); only
     the step's length, and so its second-order effects, change.
     """
+    check_step_length(how, max_scale, len(masks))
+    acc = torch.float64 if any(m.dtype == torch.float64 for m in masks) else torch.float32
+    if how == "count":
+        return length_factor(how, max_scale, float(sum(m.numel() for m in masks)),
+                             kept=_sum([m.sum(dtype=acc) for m in masks]))
+    full = _sum([torch.linalg.vector_norm(u, dtype=acc).square() for u in updates])
+    part = _sum([torch.linalg.vector_norm(m * u, dtype=acc).square() for m, u in zip(masks, updates)])
+    return length_factor(how, max_scale, 0.0, full_sq=full, part_sq=part)
+
+
+def check_step_length(how: str, max_scale: float, tensors: int) -> None:
+    """The checks of a step-length request (``tensors``: how many tensors it pools)."""
     if how not in ("count", "norm"):
         raise ValueError(f"rescale must be None, 'count' or 'norm', got {how!r}")
     if not 1.0 <= max_scale < math.inf:
         raise ValueError(f"max_scale must be a finite number >= 1, got {max_scale!r}")
-    if not masks:
-        raise ValueError("step_scale needs at least one tensor")
-    acc = torch.float64 if any(m.dtype == torch.float64 for m in masks) else torch.float32
+    if not tensors:
+        raise ValueError("a step length needs at least one tensor")
+
+
+def length_factor(how: str, max_scale: float, numel: float, *, kept: Tensor | None = None,
+                  full_sq: Tensor | None = None, part_sq: Tensor | None = None) -> Tensor:
+    """The step-length factor from the pooled sums (the one formula behind :func:`step_scale` and the
+    fused steps' :func:`~masked_optim.fused.scale_from_sums`): ``"count"`` from the kept count over
+    ``numel`` coordinates, ``"norm"`` from ``‖u‖²`` and ``‖m⊙u‖²``."""
     if how == "count":
-        kept = _sum([m.sum(dtype=acc) for m in masks])
-        total = float(sum(m.numel() for m in masks))
-        return total / kept.clamp_min(total / max_scale)
-    full = _sum([torch.linalg.vector_norm(u, dtype=acc).square() for u in updates])
-    part = _sum([torch.linalg.vector_norm(m * u, dtype=acc).square() for m, u in zip(masks, updates)])
+        return numel / kept.clamp_min(numel / max_scale)  # type: ignore[union-attr]
     # part ≤ full, so the ratio is ≥ 1; part = 0 (nothing kept, 0/0 when u = 0 too) gives 1
-    return torch.nan_to_num(full.div_(part), nan=1.0, posinf=1.0).sqrt_().clamp_(1.0, max_scale)
+    return torch.nan_to_num(full_sq / part_sq, nan=1.0, posinf=1.0).sqrt_().clamp_(1.0, max_scale)  # type: ignore[operator]
 
 
 def _sum(values: list[Tensor]) -> Tensor:

@@ -78,3 +78,13 @@ class FixedEngine:
 
         means = [f.float() for f in self.frozen]
         return GradStats(len(batch[1]), means, [torch.zeros_like(m) for m in means], torch.tensor(0.0))
+
+
+def catch_error(fn) -> tuple[str, str]:
+    """``(type name, message)`` of what ``fn()`` raised, ``("", "")`` if nothing: a worker process
+    records it for the parent's assertions."""
+    try:
+        fn()
+    except Exception as err:
+        return type(err).__name__, str(err)
+    return "", ""

@@ -27,7 +27,7 @@ from masked_optim.distributed import (
     unwrap_model,
 )
 
-from .helpers import loop_moments
+from .helpers import catch_error, loop_moments
 
 WORLD = 2
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "distributed_unlearning.py"
@@ -121,14 +121,6 @@ def _run(name: str, rank: int | None) -> dict:
     return out
 
 
-def _catch(fn) -> tuple[str, str]:
-    try:
-        fn()
-    except Exception as err:  # recorded for the parent's assertions
-        return type(err).__name__, str(err)
-    return "", ""
-
-
 def _engine_checks(rank: int) -> dict:
     model = _model()
     params = list(model.parameters())
@@ -146,9 +138,9 @@ def _engine_checks(rank: int) -> dict:
     res["autocast_equal"] = all(torch.equal(a, b) for a, b in zip(st.mean + st.m2, st_amp.mean + st_amp.m2))
     # a bad batch on rank 1 only: rank 1 raises its ValueError, rank 0 is told instead of hanging
     bad = (x, y) if rank == 0 else (x[:3], y[:2])
-    res["bad_batch"] = _catch(lambda: eng(model, params, bad))
+    res["bad_batch"] = catch_error(lambda: eng(model, params, bad))
     # different parameter lists on the two ranks
-    res["param_mismatch"] = _catch(lambda: eng(model, params if rank == 0 else params[:2], (x, y)))
+    res["param_mismatch"] = catch_error(lambda: eng(model, params if rank == 0 else params[:2], (x, y)))
     # all_reduce_grad_stats on its own, with one collective for the counts
     local = VmapEngine()(model, params, shard_batch((x, y)))
     merged = all_reduce_grad_stats(local)

@@ -13,6 +13,8 @@ import pytest
 
 from masked_optim import ProbablyAlignedAdam, ProbablyAlignedAdamW, ProbablyAlignedSGD
 
+from .helpers import catch_error
+
 
 def _net(seed: int = 0) -> nn.Module:
     # wide enough that the CPU kernels take their vectorised paths (where a fused multiply-add and
@@ -511,14 +513,6 @@ def test_diagnostics_hold_counts_not_masks(options):
 # ---------------------------------------------------------------------------------------------------
 # 9. an input error on one rank stops every rank (no rank left waiting in a collective)
 
-def _catch(fn) -> tuple[str, str]:
-    try:
-        fn()
-    except Exception as err:  # recorded for the parent's assertions
-        return type(err).__name__, str(err)
-    return "", ""
-
-
 def _agree_worker(rank: int, tmp: str) -> None:
     import datetime
     import os
@@ -541,15 +535,15 @@ def _agree_worker(rank: int, tmp: str) -> None:
         fb, rb = shard_batch(fb), shard_batch(rb)
         x, y = _data(9, 4)
         # a malformed forget batch on rank 1 only (3 inputs, 2 targets)
-        res["bad_batch"] = _catch(lambda: opt.step(forget=fb if rank == 0 else (x[:3], y[:2]), retain=rb))
+        res["bad_batch"] = catch_error(lambda: opt.step(forget=fb if rank == 0 else (x[:3], y[:2]), retain=rb))
         # a check batch of 3 samples split 2/1: the whole-update test gathers all 3 (>= 2)
         check = shard_batch(_data(77, 3))
-        res["split_check"] = _catch(lambda: opt.step(forget=fb, retain=rb, check_retain=check))
+        res["split_check"] = catch_error(lambda: opt.step(forget=fb, retain=rb, check_retain=check))
         d = opt.diagnostics
         res["certificate"] = d.certificate.action if d is not None and d.certificate is not None else None
         # a check batch of one sample on each of the two ranks: 2 over all, enough
         one = (x[rank:rank + 1], y[rank:rank + 1])
-        res["one_each"] = _catch(lambda: opt.step(forget=fb, retain=rb, check_retain=one))
+        res["one_each"] = catch_error(lambda: opt.step(forget=fb, retain=rb, check_retain=one))
         res["in_sync"] = parameters_in_sync(model)
     except Exception:
         res = {"error": traceback.format_exc()}

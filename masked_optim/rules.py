@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import workspace
 
 __all__ = ["Rule", "SparseRows", "register_rule", "rule_for", "sum_sq", "supports"]
 
@@ -105,6 +106,11 @@ def _accumulate(gs: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     return total, sq
 
 
+def _ws(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    # a step's large outputs come from the optimizer's workspace (no page faults on CPU), else fresh
+    return workspace.empty(shape, dtype=like.dtype, device=like.device)
+
+
 def _linear(m: nn.Linear, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     return _linear_moments(a, d, m.bias is not None)
 
@@ -113,7 +119,8 @@ def _linear_moments(a: Tensor, d: Tensor, bias: bool) -> dict[str, tuple[Tensor,
     out = {}
     if a.dim() == 2:
         d2 = d * d
-        out["weight"] = (d.t() @ a, d2.t() @ (a * a))
+        shape = (d.shape[1], a.shape[1])
+        out["weight"] = (torch.mm(d.t(), a, out=_ws(shape, a)), torch.mm(d2.t(), a * a, out=_ws(shape, a)))
         if bias:
             out["bias"] = (d.sum(0), d2.sum(0))
     else:
@@ -136,8 +143,9 @@ def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tu
     a3, d3 = a.view(k, n, a.shape[-1]), d.view(k, n, d.shape[-1])
     d2 = d3 * d3
     dt = d3.transpose(1, 2)
-    mean = torch.baddbmm(a.new_zeros(()), dt, a3, beta=0, alpha=1.0 / n)
-    out = {"weight": (mean, torch.bmm(d2.transpose(1, 2), a3 * a3))}
+    shape = (k, dt.shape[1], a3.shape[2])
+    mean = torch.baddbmm(a.new_zeros(()), dt, a3, beta=0, alpha=1.0 / n, out=_ws(shape, a))
+    out = {"weight": (mean, torch.bmm(d2.transpose(1, 2), a3 * a3, out=_ws(shape, a)))}
     if m.bias is not None:
         out["bias"] = (d3.mean(1), d2.sum(1))
     return out

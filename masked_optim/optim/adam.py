@@ -29,7 +29,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         decoupled_weight_decay: AdamW's decoupled decay.
         model, loss_fn, confidence, forget_confidence, retain_confidence, quantile, soft, chunk_size,
         engine, forget_weight, retain_weight, certify, certify_policy, certify_tries, rescale,
-        rescale_scope, max_scale, fused: see
+        rescale_scope, max_scale, fused, reuse_buffers: see
         :class:`~masked_optim.ProbablyAlignedSGD`.
     """
 
@@ -61,6 +61,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
         rescale: str | None = "norm",
         rescale_scope: str = "tensor",
         max_scale: float = 100.0,
+        reuse_buffers: bool | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,

@@ -23,6 +23,7 @@ from ..certify import directional_derivatives
 from ..losses import PerSampleLoss
 from ..mask import quantile
 from ..stats import GatheringEngine, GradStats, PairEngine, StatsEngine, acc_dtype, eval_behaviour, unwrap_model
+from ..workspace import Workspace, lending
 from .certification import certify_step, restore_state, snapshot_state
 from .diagnostics import RawDiagnostics, StepDiagnostics
 from .fusing import fused_positions, fused_step
@@ -57,6 +58,8 @@ class ProbablyAlignedOptimizer(Optimizer):
         self._raw_diag: RawDiagnostics | None = None
         self._warned_unmasked = False
         self._warned_same_batch = False
+        self.reuse_buffers = options.reuse_buffers
+        self._workspace = Workspace()
         super().__init__(params, dict(defaults, **options.group_defaults()))
 
     # -- configuration ---------------------------------------------------------------------------
@@ -79,12 +82,14 @@ class ProbablyAlignedOptimizer(Optimizer):
         # the ids of the model's parameters are recomputed for the copy's own model (__setstate__).
         state = super().__getstate__()
         for key, value in self.__dict__.items():
-            if not key.startswith("_optimizer_") and key != "_model_param_ids":
+            if not key.startswith("_optimizer_") and key not in ("_model_param_ids", "_workspace"):
                 state.setdefault(key, value)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._workspace = Workspace()  # buffers are not state: a copy starts with none
+        self.__dict__.setdefault("reuse_buffers", None)
         if "model" in state:  # a copy or an unpickled optimizer: its own model's parameters
             self._model_param_ids = {id(p) for p in self.model.parameters()}
         for group in self.param_groups:
@@ -147,6 +152,21 @@ class ProbablyAlignedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with lending(self._lent_workspace()):
+            self._masked_step(forget, retain, check_forget, check_retain)
+        return loss
+
+    def _lent_workspace(self) -> Workspace | None:
+        """The workspace this step lends its large temporaries from (``reuse_buffers``: ``None``
+        when the parameters are on CPU, where fresh large tensors cost page faults)."""
+        reuse = self.reuse_buffers
+        if reuse is None:
+            dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            reuse = dev.type == "cpu"
+        return self._workspace if reuse else None
+
+    def _masked_step(self, forget: Batch | None, retain: Batch | None, check_forget: Batch | None,
+                     check_retain: Batch | None) -> None:
         # ---- collect: nothing below mutates anything until all checks have passed ----
         staged_f, staged_r = self._staging
         self._staging[:] = [None, None]
@@ -180,7 +200,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             groups = len(self.param_groups)
             self._raw_diag = RawDiagnostics(True, "non-finite gradients or statistics", direction, [None] * groups,
                                             [0] * groups, n_f, n_r, *losses)
-            return loss
+            return
 
         # ---- the base optimizer's updates, then masks and the move ----
         certify = self.certify is not None and (test_f or test_r)
@@ -243,7 +263,6 @@ class ProbablyAlignedOptimizer(Optimizer):
             [None if t is None else kept.get(id(t), []) for _, _, _, t in work],
             [sum(p.numel() for p in params) for _, params, _, _ in work], n_f, n_r, *losses, report, step_fraction,
         )
-        return loss
 
     # -- phases ------------------------------------------------------------------------------------
     def _checked_inputs(
@@ -286,7 +305,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             return
         if any(self._effective(g, s) is not None for g in self.param_groups for s in ("forget", "retain")):
             warnings.warn(f"{type(self).__name__}.step() got no forget/retain batch: the update is not masked",
-                          stacklevel=3)
+                          stacklevel=4)
             self._warned_unmasked = True
 
     def _statistics(self, params: list[Tensor], forget: Batch | None, retain: Batch | None
@@ -367,7 +386,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             warnings.warn(
                 "certify reuses the retain batch the mask was chosen on, which certifies optimistically; "
                 "pass an independent check_retain batch for an honest whole-update test",
-                stacklevel=3,
+                stacklevel=4,
             )
             self._warned_same_batch = True
         # one test of the whole step, so one threshold: Student-t (the exact small-sample rule, for

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .. import fused as fused_kernels
+from .. import workspace
 from .masking import GroupTests, subset
 
 __all__ = ["fused_positions", "fused_step"]
@@ -35,7 +35,7 @@ def fused_step(update: Callable[..., list[Any]], group: dict[str, Any], params: 
     ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
     forget, retain = subset(tests.forget, idx), subset(tests.retain, idx)
     how, _, cap = tests.rescale if tests.rescale is not None else (None, "tensor", 100.0)
-    deltas = [torch.empty_like(p) for p in ps] if defer else None
+    deltas = [workspace.empty_like(p) for p in ps] if defer else None
     sums = update(group, ps, gs, forget, retain, soft=tests.soft, rescale=how, max_scale=cap, deltas=deltas)
     if deltas is not None:
         for p, d, ss in zip(ps, deltas, sums):

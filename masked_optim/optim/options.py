@@ -73,6 +73,7 @@ class MaskOptions:
     rescale: str | None = "norm"
     rescale_scope: str = "tensor"
     max_scale: float = 100.0
+    reuse_buffers: bool | None = None
 
     @classmethod
     def collect(cls, kwargs: Mapping[str, Any]) -> MaskOptions:
@@ -91,6 +92,8 @@ class MaskOptions:
             raise ValueError(f"certify_policy must be 'tighten' or 'skip', got {self.certify_policy!r}")
         if not isinstance(self.certify_tries, int) or self.certify_tries < 1:
             raise ValueError(f"certify_tries must be a positive int, got {self.certify_tries!r}")
+        if self.reuse_buffers not in (None, False, True):
+            raise ValueError(f"reuse_buffers must be None, False or True, got {self.reuse_buffers!r}")
         guard = self.retain_guard
         if guard is not None and (isinstance(guard, bool) or not isinstance(guard, (int, float))
                                   or not 0.0 <= guard < math.inf):

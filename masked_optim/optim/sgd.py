@@ -62,6 +62,11 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
             (:mod:`masked_optim.fused`): ``None`` where it pays off (CUDA, CPU tensors of at least
             ``fused.CPU_MIN_NUMEL`` elements), ``True`` always, ``False`` never. Same masks as the
             eager path; parameters and state to float tolerance.
+        reuse_buffers: lend the step's large temporaries (the layer statistics, the guard's deferred
+            moves) from a workspace kept between steps (:mod:`masked_optim.workspace`): ``None``
+            (default) when the parameters are on CPU, where a fresh large tensor costs page faults,
+            ``True`` always, ``False`` never. Between steps the workspace holds what the last step
+            used (up to 4 parameter-sized buffers for the statistics, one more behind the guard).
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         rescale: str | None = "norm",
         rescale_scope: str = "tensor",
         max_scale: float = 100.0,
+        reuse_buffers: bool | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,

@@ -190,10 +190,14 @@ def interleaved_timing(
     target_s: float = 0.1,
     max_inner: int = 1000,
     log: Callable[[str], None] | None = None,
+    settle: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Time every function side by side: ``warmup`` calls each (the last one calibrates an inner loop
     so that one measurement lasts about ``target_s``), then ``repeats`` rounds that each run every function once
-    in a rotated order. Returns per-function summaries with the raw per-repeat times."""
+    in a rotated order. ``settle``: untimed calls before each measurement, so that a function is timed
+    in its steady state, not just after another one evicted its data from the caches (which would
+    weigh on functions with short inner loops most). Returns per-function summaries with the raw
+    per-repeat times."""
     timer = _Timer(device)
     names = list(fns)
     inner: dict[str, int] = {}
@@ -210,6 +214,8 @@ def interleaved_timing(
         for r in range(repeats):
             k = r % len(names)
             for name in names[k:] + names[:k]:
+                for _ in range(settle):
+                    fns[name]()
                 times[name].append(timer(fns[name], inner[name]))
             if log:
                 log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.2f} ms" for n in names))

@@ -71,6 +71,10 @@ ACCEPTANCE = {"target": 2.5, "size": 10_000_000, "pairs": [("sgd_fused", "sgd_to
 NOMINAL_GBPS = {"H200": 4800, "H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350,
                 "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "A100": 1935,
                 "L40S": 864, "L4": 300, "A10G": 600, "T4": 320, "V100": 900, "RTX 4090": 1008}
+# untimed calls before each measurement: without one, a variant with a short inner loop (the masked
+# ones) is timed largely from memory the previous variant evicted from the caches, torch's fast
+# steps (tens of calls a measurement) from warm caches
+SETTLE = 1
 DEFAULT_SIZES_CPU = (1e6, 1e7)
 DEFAULT_SIZES_CUDA = (1e6, 1e7, 1e8)
 RATIOS = [(f"{k}_{a}", f"{k}_{b}") for k in ("sgd", "adam") for a, b in (
@@ -311,7 +315,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 del fns[name]
                 C.log_to_stderr(f"[kernel] P={total:.0e}: {name} failed: {errors[name]}")
         C.log_to_stderr(f"[kernel] P={total:.0e}: timing {', '.join(fns)} x {repeats} repeats")
-        timing = C.interleaved_timing(fns, device=device, repeats=repeats, target_s=target, log=log, warmup=1)
+        timing = C.interleaved_timing(fns, device=device, repeats=repeats, target_s=target, log=log, warmup=1,
+                                      settle=args.settle)
         entry: dict[str, Any] = {"timing": timing, "errors": errors, "first_call_s": first_call, "gbps": {},
                                  "gbps_moved": {}}
         for name, res in timing.items():
@@ -346,6 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "kernel",
         "machine": machine,
         "config": {"quick": args.quick, "repeats": repeats, "target_seconds_per_measurement": target,
+                   "untimed_calls_before_each_measurement": args.settle,
                    "n_tensors": N_TENSORS, "dtype": "float32", "learning_rate": LR,
                    "min_bytes_per_param": BYTES_FLOOR, "bytes_moved_per_param": BYTES_MOVED,
                    "nominal_bandwidth_gbps": nominal, "fused_available": fused_available,
@@ -415,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p)
     p.add_argument("--sizes", default=None, help="comma-separated parameter counts, e.g. 1e6,1e7,1e8")
+    p.add_argument("--settle", type=int, default=SETTLE, help="untimed calls before each measurement")
     p.add_argument("--no-compile-cost", action="store_true", help="skip the cold-compile measurement (a subprocess)")
     p.add_argument("--compile-child", default=None, help=argparse.SUPPRESS)
     return p

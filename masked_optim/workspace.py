@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -89,15 +90,9 @@ def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> 
     """A buffer for a step's temporary: lent by the active workspace when there is one and the buffer
     is at least :data:`MIN_BYTES` on CPU, else ``torch.empty``."""
     ws = _ACTIVE.get()
-    device = torch.device(device)
-    if ws is None or device.type != "cpu":
-        return torch.empty(tuple(shape), dtype=dtype, device=device)
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    if numel * torch.empty((), dtype=dtype).element_size() < MIN_BYTES:
-        return torch.empty(tuple(shape), dtype=dtype, device=device)
-    return ws.empty(shape, dtype, device)
+    if ws is not None and torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= MIN_BYTES:
+        return ws.empty(shape, dtype, device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
 def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:

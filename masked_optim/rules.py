@@ -106,9 +106,9 @@ def _accumulate(gs: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     return total, sq
 
 
-def _ws(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    # a step's large outputs come from the optimizer's workspace (no page faults on CPU), else fresh
-    return workspace.empty(shape, dtype=like.dtype, device=like.device)
+def _ws(shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+    # a step's large outputs go to the optimizer's workspace (no page faults on CPU); None: fresh
+    return workspace.lend(shape, dtype=like.dtype, device=like.device)
 
 
 def _linear(m: nn.Linear, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Tensor]]:

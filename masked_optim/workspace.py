@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_BYTES", "Workspace", "empty", "empty_like", "lending"]
+__all__ = ["MIN_BYTES", "Workspace", "empty", "empty_like", "lend", "lending"]
 
 #: buffers smaller than this are allocated as usual: glibc's heap serves them without faults
 MIN_BYTES = 1 << 20
@@ -84,6 +84,15 @@ def lending(workspace: Workspace | None) -> Iterator[Workspace | None]:
         _ACTIVE.reset(token)
         if workspace is not None:
             workspace.release()
+
+
+def lend(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """The active workspace's buffer for a temporary of at least :data:`MIN_BYTES` on CPU, else
+    ``None`` (for ``out=``: the operation then allocates its result as usual)."""
+    ws = _ACTIVE.get()
+    if ws is not None and torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= MIN_BYTES:
+        return ws.empty(shape, dtype, device)
+    return None
 
 
 def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -27,7 +27,7 @@ from ..workspace import Workspace, lending
 from .certification import certify_step, restore_state, snapshot_state
 from .diagnostics import RawDiagnostics, StepDiagnostics
 from .fusing import fused_positions, fused_step
-from .masking import (GroupTests, Move, Side, Update, apply_updates, guarded_apply, kept_counts, masks_of, moves_of,
+from .masking import (GroupTests, Side, Update, apply_updates, guarded_apply, kept_counts, masks_of, moves_of,
                       step_scales)
 from .options import MASK_KEYS, MaskOptions, make_engine, validate_group
 
@@ -82,7 +82,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         # the ids of the model's parameters are recomputed for the copy's own model (__setstate__).
         state = super().__getstate__()
         for key, value in self.__dict__.items():
-            if not key.startswith("_optimizer_") and key not in ("_model_param_ids", "_workspace"):
+            if not key.startswith("_optimizer_") and key not in ("_model_param_ids", "_workspace", "_protocols"):
                 state.setdefault(key, value)
         return state
 
@@ -220,7 +220,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         if certify and self.certify_policy == "skip":
             snapshot = snapshot_state(self.state, [p for _, params, _, _ in work for p in params])
         updates: list[Update] = []
-        fused_moves: list[Move] = []  # deferred fused steps: (param, m⊙u, lr, s)
+        fused_moves: list[tuple[Tensor, Tensor, float]] = []  # deferred fused steps: (param, s·m⊙u, lr)
         fused_kept: dict[int, list[Tensor]] = {}
         for group, params, grads, tests in work:
             fused = fused_positions(group, params, tests, certify) if self._fuses else []
@@ -290,7 +290,7 @@ class ProbablyAlignedOptimizer(Optimizer):
                             raise ValueError(f"{type(self).__name__} does not support sparse gradients")
         except Exception as err:
             error = err
-        if isinstance(self.engine, GatheringEngine):
+        if self._engine_is(GatheringEngine):
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             counts = self.engine.agree_on_checks(error, counts, device)  # raises on every rank when any failed
         elif error is not None:
@@ -317,7 +317,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         caller gave them."""
         model = unwrap_model(self.model)
         with self._engine_context(params):
-            if forget is not None and retain is not None and isinstance(self.engine, PairEngine):
+            if forget is not None and retain is not None and self._engine_is(PairEngine):
                 if getattr(self.engine, "pair_sq", False) and self._hard_tests_only():
                     return self.engine.pair(model, params, forget, retain, self._loss, sq=True)  # type: ignore[call-arg]
                 return self.engine.pair(model, params, forget, retain, self._loss)
@@ -408,6 +408,16 @@ class ProbablyAlignedOptimizer(Optimizer):
         raise NotImplementedError
 
     # -- internals ---------------------------------------------------------------------------------
+    def _engine_is(self, protocol: type) -> bool:
+        # isinstance against a runtime-checkable Protocol inspects every member (tens of µs, several
+        # times a step): decided once per engine object
+        key = (id(self.engine), protocol)
+        cache = self.__dict__.setdefault("_protocols", {})
+        hit = cache.get(key)
+        if hit is None or hit[0] is not self.engine:
+            hit = cache[key] = (self.engine, isinstance(self.engine, protocol))  # the engine kept: its id stays unique
+        return hit[1]
+
     def _stat_params(self) -> list[Tensor]:
         seen: dict[int, Tensor] = {}
         for group in self.param_groups:
@@ -437,7 +447,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         with torch.autocast(dev, enabled=False):
             d = directional_derivatives(unwrap_model(self.model), params, tangents, batch, self._loss)
         # a distributed engine gathers every rank's values: all ranks test the global batch
-        return self.engine.gather_samples(d) if isinstance(self.engine, GatheringEngine) else d
+        return self.engine.gather_samples(d) if self._engine_is(GatheringEngine) else d
 
     def _batch_loss(self, model: nn.Module, batch: ParsedBatch) -> Tensor:
         """Mean loss of ``batch`` (parsed, on the model's device) at the current parameters of the

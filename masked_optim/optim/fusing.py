@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import fused as fused_kernels
 from .. import workspace
-from .masking import GroupTests, Move, subset
+from .masking import GroupTests, subset
 
 __all__ = ["fused_positions", "fused_step"]
 
@@ -27,10 +27,11 @@ def fused_positions(group: dict[str, Any], params: list[Tensor], tests: GroupTes
 
 
 def fused_step(update: Callable[..., list[Any]], group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-               tests: GroupTests, idx: list[int], defer: bool, moves: list[Move]) -> list[Tensor]:
+               tests: GroupTests, idx: list[int], defer: bool, moves: list[tuple[Tensor, Tensor, float]]
+               ) -> list[Tensor]:
     """The fused masked step of ``params[idx]`` by ``update`` (the optimizer's ``_fused_update``):
-    applied now, or (``defer``: the retain guard) the state advanced and the moves ``(param, m⊙u,
-    lr, s)`` appended to ``moves``, for the guard to apply and back off. Returns the kept counts."""
+    applied now, or (``defer``: the retain guard) the state advanced and the moves ``(param, s·m⊙u,
+    lr)`` appended to ``moves``, for the guard to apply and back off. Returns the kept counts."""
     ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
     forget, retain = subset(tests.forget, idx), subset(tests.retain, idx)
     how, _, cap = tests.rescale if tests.rescale is not None else (None, "tensor", 100.0)
@@ -38,7 +39,9 @@ def fused_step(update: Callable[..., list[Any]], group: dict[str, Any], params: 
     sums = update(group, ps, gs, forget, retain, soft=tests.soft, rescale=how, max_scale=cap, deltas=deltas)
     if deltas is not None:
         for p, d, ss in zip(ps, deltas, sums):
-            # the tensor's own length, from the pass's sums; applied with the move
-            s = fused_kernels.scale_from_sums(how, [ss], [p.numel()], cap) if how is not None else None
-            moves.append((p, d, group["lr"], s))
+            # the tensor's own length, from the pass's sums, as a pass of its own: scaling inside the
+            # move (addcmul) rounds differently — it changed a recorded defaults-study run (MNIST-1D)
+            if how is not None:
+                d.mul_(fused_kernels.scale_from_sums(how, [ss], [p.numel()], cap).to(d.dtype))
+            moves.append((p, d, group["lr"]))
     return [ss.kept for ss in sums]

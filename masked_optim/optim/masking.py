@@ -18,7 +18,7 @@ from torch import Tensor
 from ..mask import Constraint, Term, coeff, feasibility_mask, feasibility_masks, finite, keep, keep_mixed, step_scale
 from .diagnostics import counts
 
-__all__ = ["GUARD_HALVINGS", "GroupTests", "Move", "Side", "Update", "apply_updates", "guarded_apply", "kept_counts",
+__all__ = ["GUARD_HALVINGS", "GroupTests", "Side", "Update", "apply_updates", "guarded_apply", "kept_counts",
            "masks_of", "moves_of", "step_scales", "subset"]
 
 Rescale = tuple[str, str, float]  # (how, scope, max_scale) of the step-length option
@@ -157,36 +157,27 @@ def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], scales: Seque
             up.param.addcmul_(finite(up.u), m if s is None else m * s.to(m.device), value=-up.lr)
 
 
-#: one move of the guarded step: ``θ ← θ − lr·s·d`` for ``(θ, d, lr, s)``, ``s`` a 0-dim tensor or ``None`` (1)
-Move = tuple[Tensor, Tensor, float, Tensor | None]
-
-
-def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None]) -> list[Move]:
-    """``(param, s·m⊙u, lr, None)`` of every update: what :func:`guarded_apply` moves."""
-    return [(up.param, finite(up.u) * (m if s is None else m * s.to(m.device)), up.lr, None)
+def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None]
+             ) -> list[tuple[Tensor, Tensor, float]]:
+    """``(param, s·m⊙u, lr)`` of every update: what :func:`guarded_apply` moves."""
+    return [(up.param, finite(up.u) * (m if s is None else m * s.to(m.device)), up.lr)
             for up, m, s in zip(updates, ms, scales)]
 
 
-def _move(p: Tensor, d: Tensor, alpha: float, s: Tensor | None) -> None:
-    if s is None:
-        p.add_(d, alpha=alpha)
-    else:  # the step length in the same pass as the move (no pass to scale d first)
-        p.addcmul_(d, s.to(device=p.device, dtype=d.dtype), value=alpha)
-
-
-def guarded_apply(moves: Sequence[Move], loss_after: Callable[[], float], limit: float) -> float:
-    """Apply ``θ ← θ − lr·s·d`` for every move, then back it off while ``loss_after()`` (the retain
+def guarded_apply(moves: Sequence[tuple[Tensor, Tensor, float]], loss_after: Callable[[], float], limit: float
+                  ) -> float:
+    """Apply ``θ ← θ − lr·d`` for every move, then back it off while ``loss_after()`` (the retain
     batch's mean loss at the moved parameters) exceeds ``limit``: halved up to
     :data:`GUARD_HALVINGS` times, then undone. Returns the share of the step that stays; the
     optimizer state is the base optimizer's either way."""
-    for p, d, lr, s in moves:
-        _move(p, d, -lr, s)
+    for p, d, lr in moves:
+        p.add_(d, alpha=-lr)
     fraction = 1.0
     for k in range(GUARD_HALVINGS + 1):
         if loss_after() <= limit:
             return fraction
         new = 0.5 * fraction if k < GUARD_HALVINGS else 0.0
-        for p, d, lr, s in moves:
-            _move(p, d, lr * (fraction - new), s)
+        for p, d, lr in moves:
+            p.add_(d, alpha=lr * (fraction - new))
         fraction = new
     return fraction

@@ -152,12 +152,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "c/af": C.ratio_stats(timing, f"c[{name}]", "af")}
             for name in ok
         }
-        kept, routes = {}, {}
+        kept, routes, held = {}, {}, {}
         for name in ok:
             opt = steps[f"b[{name}]"].opt
             d = opt.diagnostics
             kept[name] = None if d is None else d.kept_fraction
             routes[name] = _routes(opt)
+            for kind in ("b", "c"):  # the buffers a masked step keeps between steps (reuse_buffers)
+                held[f"{kind}[{name}]"] = steps[f"{kind}[{name}]"].opt.workspace.nbytes / 2**20
         memory: dict[str, Any] = {}
         if not args.no_memory:
             mem_variants = list(steps)
@@ -182,6 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ratios": ratios,
             "kept_fraction_last_b_step": kept,
             "parameter_elements_by_route": routes,
+            "workspace_mib_between_steps": held,
             "memory": memory,
             "engine_errors": errors,
         }
@@ -195,7 +198,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "c": "caller's NegGrad+ backward, then ProbablyAlignedSGD.step(forget, retain)"},
               "memory": ("CUDA: torch.cuda.max_memory_allocated above the allocation before one step "
                          "(after warm-up). CPU: peak RSS (VmHWM, reset before the step) above RSS before "
-                         "one step, after one warm-up step, in a fresh process per variant.")}
+                         "one step, after one warm-up step, in a fresh process per variant. The masked "
+                         "steps' workspace (reuse_buffers, held between steps) is part of that steady "
+                         "state: workspace_mib_between_steps.")}
     return C.bench_payload("step", machine, t_start, config, engines=engines, models=out)
 
 

@@ -379,9 +379,9 @@ def use_fused(fused: bool | None, tensor: Tensor) -> bool:
     ``False`` (not compiled), ``None`` (compiled where it pays off: CUDA, or CPU tensors of at least
     :data:`CPU_MIN_NUMEL` elements, when available)."""
     if fused is None:
-        if not available(tensor.device):
+        if tensor.device.type != "cuda" and tensor.numel() < CPU_MIN_NUMEL:
             return False
-        return tensor.device.type == "cuda" or tensor.numel() >= CPU_MIN_NUMEL
+        return available(tensor.device)
     if fused and not available(tensor.device):
         raise RuntimeError(f"fused=True, but the fused kernels cannot run on {tensor.device}: "
                            f"{why_unavailable(tensor.device)}")

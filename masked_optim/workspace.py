@@ -90,9 +90,9 @@ def lend(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> T
     """The active workspace's buffer for a temporary of at least :data:`MIN_BYTES` on CPU, else
     ``None`` (for ``out=``: the operation then allocates its result as usual)."""
     ws = _ACTIVE.get()
-    if ws is not None and torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= MIN_BYTES:
-        return ws.empty(shape, dtype, device)
-    return None
+    if ws is None or math.prod(shape) * dtype.itemsize < MIN_BYTES or torch.device(device).type != "cpu":
+        return None
+    return ws.empty(shape, dtype, device)
 
 
 def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:

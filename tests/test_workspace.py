@@ -115,8 +115,8 @@ def test_reusing_buffers_takes_the_same_steps(lend_everything, cls, kw, sizes, c
     reused = _run(cls, kw, True, batches, caller_grad=caller_grad)
     fresh = _run(cls, kw, False, batches, caller_grad=caller_grad)
     _assert_same(reused, fresh)
-    assert reused[1]._workspace.nbytes > 0  # the statistics did come from the workspace
-    assert fresh[1]._workspace.nbytes == 0
+    assert reused[1].workspace.nbytes > 0  # the statistics did come from the workspace
+    assert fresh[1].workspace.nbytes == 0
 
 
 @needs_compiler
@@ -150,7 +150,7 @@ def test_no_state_tensor_is_a_workspace_buffer(lend_everything, monkeypatch):
 def test_default_is_on_for_cpu_parameters_and_validated():
     model = _net()
     opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model)
-    assert opt.reuse_buffers is None and opt._lent_workspace() is opt._workspace
+    assert opt.reuse_buffers is None and opt._lent_workspace() is opt.workspace
     off = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, reuse_buffers=False)
     assert off._lent_workspace() is None
     with pytest.raises(ValueError, match="reuse_buffers"):
@@ -160,8 +160,8 @@ def test_default_is_on_for_cpu_parameters_and_validated():
 def test_copies_and_pickles_start_without_buffers(lend_everything):
     batches = [random_batches(0, 8, 8)]
     model, opt = _run(ProbablyAlignedSGD, dict(lr=0.2, momentum=0.9, fused=False), True, batches, steps=1)
-    assert opt._workspace.nbytes > 0
+    assert opt.workspace.nbytes > 0
     twin = copy.deepcopy(opt)
-    assert twin._workspace.nbytes == 0 and twin._workspace is not opt._workspace
+    assert twin.workspace.nbytes == 0 and twin.workspace is not opt.workspace
     state = pickle.loads(pickle.dumps(opt.__getstate__()))
-    assert "_workspace" not in state
+    assert "workspace" not in state

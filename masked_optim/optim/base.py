@@ -59,7 +59,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         self._warned_unmasked = False
         self._warned_same_batch = False
         self.reuse_buffers = options.reuse_buffers
-        self._workspace = Workspace()
+        self.workspace = Workspace()
         super().__init__(params, dict(defaults, **options.group_defaults()))
 
     # -- configuration ---------------------------------------------------------------------------
@@ -82,13 +82,13 @@ class ProbablyAlignedOptimizer(Optimizer):
         # the ids of the model's parameters are recomputed for the copy's own model (__setstate__).
         state = super().__getstate__()
         for key, value in self.__dict__.items():
-            if not key.startswith("_optimizer_") and key not in ("_model_param_ids", "_workspace", "_protocols"):
+            if not key.startswith("_optimizer_") and key not in ("_model_param_ids", "workspace", "_protocols"):
                 state.setdefault(key, value)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._workspace = Workspace()  # buffers are not state: a copy starts with none
+        self.workspace = Workspace()  # buffers are not state: a copy starts with none
         self.__dict__.setdefault("reuse_buffers", None)
         if "model" in state:  # a copy or an unpickled optimizer: its own model's parameters
             self._model_param_ids = {id(p) for p in self.model.parameters()}
@@ -163,7 +163,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         if reuse is None:
             dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             reuse = dev.type == "cpu"
-        return self._workspace if reuse else None
+        return self.workspace if reuse else None
 
     def _masked_step(self, forget: Batch | None, retain: Batch | None, check_forget: Batch | None,
                      check_retain: Batch | None) -> None:

@@ -65,8 +65,9 @@ class ProbablyAlignedSGD(ProbablyAlignedOptimizer):
         reuse_buffers: lend the step's large temporaries (the layer statistics, the guard's deferred
             moves) from a workspace kept between steps (:mod:`masked_optim.workspace`): ``None``
             (default) when the parameters are on CPU, where a fresh large tensor costs page faults,
-            ``True`` always, ``False`` never. Between steps the workspace holds what the last step
-            used (up to 4 parameter-sized buffers for the statistics, one more behind the guard).
+            ``True`` always, ``False`` never. Between steps the workspace (``optimizer.workspace``:
+            its ``nbytes``; ``clear()`` frees it) holds what the last step used: the large layers'
+            statistics (a mean and a ``Σg²`` per side) and, behind the guard, the fused moves.
     """
 
     def __init__(

@@ -169,15 +169,16 @@ class HookEngine:
                 batch = concat(parsed)
                 outs, _ = self._pass(model, params, plan, batch, [b.n for b in parsed], loss, sq)
                 for acc, b, out in zip(accs, parsed, outs):
-                    merge_into(acc, b.n, *out)
+                    merge_into(acc, b.n, *out[:3])
                     acc.sumsq = sq
+                    acc.finite = out[3]  # one pass, no merge: the rules' certificates hold
             else:
                 for acc, b in zip(accs, parsed):
                     chunk = b.n if self.chunk_size is None else min(self.chunk_size, b.n)
                     for start in range(0, b.n, chunk):
                         stop = min(start + chunk, b.n)
                         outs, _ = self._pass(model, params, plan, b.slice(start, stop), [stop - start], loss, False)
-                        merge_into(acc, stop - start, *outs[0])
+                        merge_into(acc, stop - start, *outs[0][:3])
         whole = sorted(plan.whole)
         if whole:
             if self.fallback is None:
@@ -187,13 +188,16 @@ class HookEngine:
                 st = self.fallback(model, sub, b, loss)
                 for j, i in enumerate(whole):
                     acc.mean[i] = st.mean[j]
+                    if acc.finite is not None:
+                        acc.finite[i] = None
                     acc.m2[i] = m2_to_sumsq(st.mean[j], st.m2[j], acc.n) if acc.sumsq else st.m2[j]
         return accs
 
     def _pass(self, model: nn.Module, params: list[Tensor], plan: _Plan, batch: ParsedBatch, segments: list[int],
               loss: PerSampleLoss, sq: bool, check: dict[int, Tensor] | None = None
-              ) -> tuple[list[tuple[list[Tensor], list[Tensor], Tensor]], Tensor]:
-        """One forward+backward; per segment ``(means, m2s, mean loss)``, and the per-sample losses.
+              ) -> tuple[list[tuple[list[Tensor], list[Tensor], Tensor, list[Tensor | None]]], Tensor]:
+        """One forward+backward; per segment ``(means, m2s, mean loss, finiteness certificates)``, and
+        the per-sample losses.
         ``check``: filled with autograd's gradient of the summed loss for every parameter
         (verification). Parameters whose layer's batch cannot be split join the plan's whole-model
         fallback."""
@@ -250,13 +254,14 @@ class HookEngine:
         return self._collect(params, dtypes, st, losses, segments), losses.detach()
 
     def _collect(self, params: list[Tensor], dtypes: list[torch.dtype], st: State, losses: Tensor,
-                 segments: list[int]) -> list[tuple[list[Tensor], list[Tensor], Tensor]]:
+                 segments: list[int]) -> list[tuple[list[Tensor], list[Tensor], Tensor, list[Tensor | None]]]:
         losses = losses.detach().to(acc_dtype(losses.dtype))
         seg_losses = [part.mean() for part in losses.split(segments)]
         per_sample = {i: st.dense(i, params[i].shape).split(segments) for i in set(st.per_sample) | set(st.sparse)}
         outs = []
         for seg in range(len(segments)):
             means, m2s = [], []
+            finite = [None if i in per_sample else c for i, c in enumerate(st.finite[seg])]
             for i, p in enumerate(params):
                 r = st.results[seg][i]
                 if i in per_sample:
@@ -268,7 +273,7 @@ class HookEngine:
                     r = (torch.zeros_like(p, dtype=dtypes[i]), torch.zeros_like(p, dtype=dtypes[i]))
                 means.append(r[0])
                 m2s.append(r[1])
-            outs.append((means, m2s, seg_losses[seg]))
+            outs.append((means, m2s, seg_losses[seg], finite))
         return outs
 
     def _verify(self, model: nn.Module, params: list[Tensor], plan: _Plan, batch: ParsedBatch, loss: PerSampleLoss) -> None:

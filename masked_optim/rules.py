@@ -133,6 +133,17 @@ def _linear_moments(a: Tensor, d: Tensor, bias: bool) -> dict[str, tuple[Tensor,
     return out
 
 
+def _linear_finite(m: nn.Linear, a: Tensor, d: Tensor) -> Tensor:
+    """True only if every entry of ``δᵀa/n`` (and of ``Σδ/n``) is finite: each sums ``terms`` products
+    (samples × positions) of at most ``max(|a|, 1)·max|δ|``, so below ``finfo.max / (4·terms)`` no
+    partial sum can overflow. A NaN or ±inf in ``a`` or ``δ`` makes a maximum NaN or inf: False."""
+    if a.numel() == 0 or d.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=d.device)
+    terms = max(1, a.numel() // max(1, a.shape[-1]))
+    big = torch.finfo(d.dtype).max / (4 * terms)
+    return torch.clamp_min(a.abs().amax(), 1.0) * d.abs().amax() <= big
+
+
 def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tuple[Tensor, Tensor]] | None:
     """:func:`_linear` of ``k`` equal consecutive segments of a 2-d batch at once, as ``[k, ...]``
     *means* and ``Σg²`` (the products scale by 1/n on the fly: no pass to divide) from batched
@@ -348,6 +359,9 @@ class Rule:
     params: tuple[str, ...] = ("weight", "bias")
     supports: Callable[[nn.Module], bool] | None = None
     segments: Callable[[nn.Module, Tensor, Tensor, int], Moments | None] | None = None
+    #: optional — ``finite(module, a, δ)``: a 0-dim bool tensor that is True only if every mean the
+    #: rule forms from these inputs is finite (the optimizer's check then need not read the means)
+    finite: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
 
 
 _REGISTRY: dict[type, Rule] = {}
@@ -433,7 +447,7 @@ def _conv_ok(m: nn.Module) -> bool:
 
 
 register_rule(nn.Linear, _linear, per_sample=_linear_per_sample)
-_REGISTRY[nn.Linear] = dataclasses.replace(_REGISTRY[nn.Linear], segments=_linear_segments)
+_REGISTRY[nn.Linear] = dataclasses.replace(_REGISTRY[nn.Linear], segments=_linear_segments, finite=_linear_finite)
 register_rule(nn.Conv1d, _conv, per_sample=_conv_per_sample, supports=_conv_ok)
 register_rule(nn.Conv2d, _conv, per_sample=_conv_per_sample, supports=_conv_ok)
 register_rule(nn.Embedding, _embedding, per_sample=_embedding_per_sample, params=("weight",),

@@ -66,6 +66,11 @@ class GradStats:
     #: (``True``: an engine's ``pair(..., sq=True)``, which the optimizers' hard tests read with an
     #: adjusted threshold, saving two passes over the statistics)
     sumsq: bool = False
+    #: per parameter, ``None`` or a 0-dim bool tensor that is True only if ``mean[i]`` is certainly
+    #: finite (a layer rule's bound from its inputs, :attr:`masked_optim.rules.Rule.finite`): the
+    #: optimizers' finite check reads it instead of the mean. ``None`` for the whole list: no
+    #: certificates (every engine's default; merged or gathered statistics never carry them)
+    finite: list[Tensor | None] | None = None
 
     def variance(self) -> list[Tensor]:
         """Unbiased per-coordinate variance ``M2 / (n - 1)``."""

@@ -20,13 +20,16 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .rules import Rule, SparseRows
 from .stats import sumsq_to_m2_
 
-__all__ = ["DEFER_MAX", "REENTRANT", "Call", "LayerTap", "RuleTap", "State", "first_input", "in_backward"]
+__all__ = ["CERTIFY_MIN_NUMEL", "DEFER_MAX", "REENTRANT", "Call", "LayerTap", "RuleTap", "State", "first_input", "in_backward"]
 
 
 # layers whose output gradient has at most this many elements run their rule after the backward
 # rather than inside it: the same arithmetic measured up to 2x slower inside autograd's hooks for the
 # small matrices of an MLP; large layers still run (and free their activations) one by one
 DEFER_MAX = 1 << 16
+#: layers with at least this many parameter elements get a rule's finiteness certificate (Rule.finite):
+#: below it, summing the means to check them is cheaper than the certificate's reductions
+CERTIFY_MIN_NUMEL = 1 << 18
 
 REENTRANT = (
     "the model uses torch.utils.checkpoint with use_reentrant=True, whose layers run without gradients "
@@ -53,6 +56,8 @@ class State:
         self.n, self.segments, self.sq = n, segments, sq
         self.equal = len(segments) > 1 and segments.count(segments[0]) == len(segments)  # k equal segments
         self.results: list[list[tuple[Tensor, Tensor] | None]] = [[None] * nparams for _ in segments]
+        # per segment and parameter: a rule's certificate that the mean is finite (Rule.finite), or None
+        self.finite: list[list[Tensor | None]] = [[None] * nparams for _ in segments]
         self.per_sample: dict[int, Tensor] = {}  # summed over uses: [n, *shape]
         self.sparse: dict[int, list[SparseRows]] = {}
         self.targets: list[Tensor] = []
@@ -206,19 +211,30 @@ class RuleTap:
         stacked = self.rule.segments(self.module, a, d, k) if st.equal and self.rule.segments else None
         if stacked is not None:  # every segment at once: [k, ...] means and Σg²
             self._check(stacked)
+            cert = self._certificate(a, d)
             for name, (mean, sq) in stacked.items():
                 if name in self.owned:
                     m2 = sq if st.sq else sumsq_to_m2_(mean, sq, n)
                     for seg, moments in enumerate(zip(mean.unbind(), m2.unbind())):
                         st.results[seg][self.owned[name]] = moments
+                        st.finite[seg][self.owned[name]] = cert
             return
         for seg, (a_s, d_s) in enumerate(zip(a.split(st.segments), d.split(st.segments))):
             out = self.rule.moments(self.module, a_s, d_s)
             self._check(out)
+            cert = self._certificate(a_s, d_s)
             for name, (total, sq) in out.items():
                 if name in self.owned:
                     mean = total.div_(a_s.shape[0])
                     st.results[seg][self.owned[name]] = (mean, sq if st.sq else sumsq_to_m2_(mean, sq, a_s.shape[0]))
+                    st.finite[seg][self.owned[name]] = cert
+
+    def _certificate(self, a: Tensor, d: Tensor) -> Tensor | None:
+        """The rule's certificate that this layer's means are finite, for layers large enough that
+        reading their means to check them costs more than the certificate's few reductions."""
+        if self.rule.finite is None or sum(getattr(self.module, k).numel() for k in self.owned) < CERTIFY_MIN_NUMEL:
+            return None
+        return self.rule.finite(self.module, a, d)
 
 
 class Capture(torch.autograd.Function):

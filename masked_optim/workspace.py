@@ -15,8 +15,9 @@ Outside a ``lending`` block (the statistics functions called directly, custom en
 thread) :func:`empty` is ``torch.empty``: nothing handed to a caller is ever reused behind its back.
 
 The contract that makes this safe: a tensor from :func:`empty` lives only until the end of the step
-that made it. The optimizers keep nothing from the statistics past ``step()`` (the statistics
-direction, which may become a momentum buffer, is never lent).
+that made it. The optimizers keep nothing from the statistics past ``step()``: the statistics
+direction, which SGD's first step would adopt as its momentum buffer, is copied instead when it is
+lent (:func:`is_lent`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_BYTES", "Workspace", "empty", "empty_like", "lend", "lending"]
+__all__ = ["MIN_BYTES", "Workspace", "empty", "empty_like", "is_lent", "lend", "lending"]
 
 #: buffers smaller than this are allocated as usual: glibc's heap serves them without faults
 MIN_BYTES = 1 << 20
@@ -51,6 +52,11 @@ class Workspace:
         buf = free.pop() if free else torch.empty(key[0], dtype=dtype, device=device)
         self._lent.append((key, buf))
         return buf
+
+    def lent(self, t: Tensor) -> bool:
+        """Whether ``t`` is (a view of) a buffer lent in this round."""
+        ptr = t.untyped_storage().data_ptr()
+        return any(buf.untyped_storage().data_ptr() == ptr for _, buf in self._lent)
 
     def release(self) -> None:
         """Take every lent buffer back; drop the buffers this round did not use."""
@@ -93,6 +99,13 @@ def lend(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> T
     if ws is None or math.prod(shape) * dtype.itemsize < MIN_BYTES or torch.device(device).type != "cpu":
         return None
     return ws.empty(shape, dtype, device)
+
+
+def is_lent(t: Tensor) -> bool:
+    """Whether ``t`` lives in a buffer the active workspace has lent: such a tensor must not be kept
+    past the step (as optimizer state, say)."""
+    ws = _ACTIVE.get()
+    return ws is not None and ws.lent(t)
 
 
 def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from ..certify import directional_derivatives
 from ..losses import PerSampleLoss
 from ..mask import quantile
 from ..stats import GatheringEngine, GradStats, PairEngine, StatsEngine, acc_dtype, eval_behaviour, unwrap_model
-from ..workspace import Workspace, lending
+from ..workspace import Workspace, lend, lending
 from .certification import certify_step, restore_state, snapshot_state
 from .diagnostics import RawDiagnostics, StepDiagnostics
 from .fusing import fused_positions, fused_step
@@ -192,11 +192,18 @@ class ProbablyAlignedOptimizer(Optimizer):
         stat_grads = self._stats_direction(stat_params, stats_f, stats_r) if direction == "stats" else {}
         # one host sync for everything the update will read: a non-finite per-sample gradient makes
         # its batch mean non-finite too; M2 alone can only overflow to +inf ("not significant")
-        to_check = list(stat_grads.values()) if direction == "stats" else [
-            m for s in (stats_f, stats_r) if s is not None for m in s.mean]
+        # (a mean whose layer rule certified it finite from the layer's inputs is not read)
+        to_check, certified, certificates = list(stat_grads.values()) if direction == "stats" else [], [], []
+        if direction != "stats":
+            for s in (stats_f, stats_r):
+                for i, m in enumerate(s.mean if s is not None else []):
+                    c = s.finite[i] if s.finite is not None else None  # type: ignore[union-attr]
+                    (to_check if c is None else certified).append(m)
+                    if c is not None:
+                        certificates.append(c)
         if has_grad:
             to_check += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if to_check and not all_finite(to_check):
+        if (to_check or certified) and not all_finite(to_check, certificates, certified):
             groups = len(self.param_groups)
             self._raw_diag = RawDiagnostics(True, "non-finite gradients or statistics", direction, [None] * groups,
                                             [0] * groups, n_f, n_r, *losses)
@@ -339,16 +346,20 @@ class ProbablyAlignedOptimizer(Optimizer):
 
     def _stats_direction(self, params: list[Tensor], stats_f: GradStats | None, stats_r: GradStats | None
                          ) -> dict[int, Tensor]:
-        """``retain_weight·μ_r − forget_weight·μ_f`` per parameter, as fresh tensors."""
+        """``retain_weight·μ_r − forget_weight·μ_f`` per parameter, as new tensors (large ones lent by
+        the step's workspace, see :mod:`masked_optim.workspace`)."""
         out = {}
         for i, p in enumerate(params):
             r = None if stats_r is None else _as(stats_r.mean[i], p.dtype)
             f = None if stats_f is None else _as(stats_f.mean[i], p.dtype)
+            buf = lend(p.shape, dtype=p.dtype, device=p.device)
             if r is not None and f is not None:
-                out[id(p)] = (torch.sub(r, f, alpha=self.forget_weight) if self.retain_weight == 1
+                out[id(p)] = (torch.sub(r, f, alpha=self.forget_weight, out=buf) if self.retain_weight == 1
                               else r * self.retain_weight - f * self.forget_weight)
+            elif r is not None:
+                out[id(p)] = torch.mul(r, self.retain_weight, out=buf)
             else:
-                out[id(p)] = r * self.retain_weight if r is not None else f * -self.forget_weight  # type: ignore[operator]
+                out[id(p)] = torch.mul(f, -self.forget_weight, out=buf)  # type: ignore[arg-type]
         return out
 
     def _group_tests(self, group: dict[str, Any], params: list[Tensor], index: dict[int, int],
@@ -463,19 +474,25 @@ class ProbablyAlignedOptimizer(Optimizer):
         raise NotImplementedError
 
 
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of ``tensors`` is finite, with one host sync."""
+def all_finite(tensors: list[Tensor], certificates: Sequence[Tensor] = (), certified: Sequence[Tensor] = ()) -> bool:
+    """Whether every entry of ``tensors`` and ``certified`` is finite, with one host sync.
+    ``certificates``: 0-dim bool tensors, all True only if every ``certified`` tensor is finite (a
+    layer rule's bound, :attr:`~masked_optim.stats.GradStats.finite`), read instead of those tensors;
+    when one is False the tensors themselves decide."""
     # NaN and ±Inf survive a sum (inf − inf is NaN): one parallel reduction per tensor, 5x faster on
     # CPU than an L1 norm. Only finite values summing past the float range (~3e38) can fail it
     # without a non-finite entry, so a failure is confirmed exactly.
     sums = [t.sum(dtype=acc_dtype(t.dtype)) for t in tensors]
+    if certificates:  # 0 when every certificate holds, +inf when one does not
+        held = torch.stack([c.to(certificates[0].device) for c in certificates]).all()
+        sums.append(torch.where(held, 0.0, math.inf))
     if not sums:
         return True
     try:
         total = float(torch.stack(sums).sum()) if len(sums) > 1 else float(sums[0])
     except RuntimeError:  # tensors on several devices (a float sum keeps NaN and inf − inf = NaN)
         total = sum(float(s) for s in sums)
-    return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
+    return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in [*tensors, *certified])
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..stats import StatsEngine
 from .. import fused as fused_kernels
+from .. import workspace
 from .base import ProbablyAlignedOptimizer, use_foreach
 from .options import DEFAULT, MaskOptions
 
@@ -235,7 +236,8 @@ def _single_tensor_sgd(
         if momentum != 0:
             buf = momentum_buffer_list[i]
             if buf is None:
-                buf = grad.detach() if fresh else grad.detach().clone()
+                # a scratch direction becomes the buffer, unless it is a workspace buffer (reused next step)
+                buf = grad.detach() if fresh and not workspace.is_lent(grad) else grad.detach().clone()
                 momentum_buffer_list[i] = buf
             else:
                 # torch.optim.SGD's two roundings (m·buf, then + (1 − d)·g): a fused m·buf + g rounds

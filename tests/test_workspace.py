@@ -165,3 +165,30 @@ def test_copies_and_pickles_start_without_buffers(lend_everything):
     assert twin.workspace.nbytes == 0 and twin.workspace is not opt.workspace
     state = pickle.loads(pickle.dumps(opt.__getstate__()))
     assert "workspace" not in state
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    # the first convolution's 64 positions take the per-sample products, the second's 4 the Gram form
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, stride=4, padding=1),
+                         nn.Flatten(), nn.Linear(32, 4))
+
+
+@pytest.mark.parametrize("caller_grad", [True, False], ids=["caller-grad", "stats-direction"])
+def test_convolutions_reusing_buffers_take_the_same_steps(lend_everything, caller_grad):
+    gen = torch.Generator().manual_seed(3)
+    batches = [((torch.randn(6, 3, 8, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)),
+                (torch.randn(6, 3, 8, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen))) for _ in range(3)]
+    runs = []
+    for reuse in (True, False):
+        model = _cnn()
+        opt = ProbablyAlignedSGD(model.parameters(), lr=0.2, momentum=0.9, model=model, reuse_buffers=reuse,
+                                 fused=False)
+        for (xf, yf), (xr, yr) in batches:
+            opt.zero_grad(set_to_none=True)
+            if caller_grad:
+                (nn.functional.cross_entropy(model(xr), yr) - nn.functional.cross_entropy(model(xf), yf)).backward()
+            opt.step(forget=(xf, yf), retain=(xr, yr))
+        runs.append((model, opt))
+    _assert_same(*runs)
+    assert runs[0][1].workspace.nbytes > 0

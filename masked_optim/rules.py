@@ -97,7 +97,9 @@ def _per_sample_moments(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     per_sample = left[0].shape[:-1].numel() * right.shape[-1]
     if left.device.type != "cpu" or b * per_sample <= _CACHE_RESIDENT:
         g = _matmul(left, right)
-        return g.sum(0), sum_sq(g)
+        out = g.sum(0), sum_sq(g)
+        workspace.give_back(g)  # dead from here: the next layer's products reuse it
+        return out
     return _accumulate(torch.matmul(left[k], right[k]) for k in range(b))
 
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_BYTES", "Workspace", "empty", "empty_like", "is_lent", "lend", "lending"]
+__all__ = ["MIN_BYTES", "Workspace", "empty", "empty_like", "give_back", "is_lent", "lend", "lending"]
 
 #: buffers smaller than this are allocated as usual: glibc's heap serves them without faults
 MIN_BYTES = 1 << 20
@@ -44,6 +44,7 @@ class Workspace:
     def __init__(self) -> None:
         self._free: dict[_Key, list[Tensor]] = {}
         self._lent: list[tuple[_Key, Tensor]] = []
+        self._used: list[tuple[_Key, Tensor]] = []  # given back during this round
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised buffer of ``shape``, not lent to anyone else until :meth:`release`."""
@@ -58,16 +59,29 @@ class Workspace:
         ptr = t.untyped_storage().data_ptr()
         return any(buf.untyped_storage().data_ptr() == ptr for _, buf in self._lent)
 
+    def give_back(self, t: Tensor) -> None:
+        """Take ``t`` (a buffer lent in this round) back before the round ends, for the round's later
+        requests: a temporary that dies inside the step does not hold its memory to the end."""
+        for j, (key, buf) in enumerate(self._lent):
+            if buf is t:
+                del self._lent[j]
+                self._free.setdefault(key, []).append(buf)
+                self._used.append((key, buf))
+                return
+
     def release(self) -> None:
         """Take every lent buffer back; drop the buffers this round did not use."""
         free: dict[_Key, list[Tensor]] = {}
-        for key, buf in self._lent:
-            free.setdefault(key, []).append(buf)
-        self._free, self._lent = free, []
+        seen: set[int] = set()
+        for key, buf in self._lent + self._used:  # a buffer given back and lent again counts once
+            if id(buf) not in seen:
+                seen.add(id(buf))
+                free.setdefault(key, []).append(buf)
+        self._free, self._lent, self._used = free, [], []
 
     def clear(self) -> None:
         """Drop every buffer (the memory goes back to the allocator)."""
-        self._free, self._lent = {}, []
+        self._free, self._lent, self._used = {}, [], []
 
     @property
     def nbytes(self) -> int:
@@ -99,6 +113,14 @@ def lend(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> T
     if ws is None or math.prod(shape) * dtype.itemsize < MIN_BYTES or torch.device(device).type != "cpu":
         return None
     return ws.empty(shape, dtype, device)
+
+
+def give_back(t: Tensor | None) -> None:
+    """Return a temporary from :func:`lend` to the active workspace before the step ends (``None``,
+    or a tensor not lent: nothing happens)."""
+    ws = _ACTIVE.get()
+    if ws is not None and t is not None:
+        ws.give_back(t)
 
 
 def is_lent(t: Tensor) -> bool:

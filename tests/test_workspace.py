@@ -192,3 +192,19 @@ def test_convolutions_reusing_buffers_take_the_same_steps(lend_everything, calle
         runs.append((model, opt))
     _assert_same(*runs)
     assert runs[0][1].workspace.nbytes > 0
+
+
+def test_a_buffer_given_back_is_lent_again_in_the_round_but_held_once(lend_everything):
+    ws = Workspace()
+    shape, kw = (16,), dict(dtype=torch.float32, device=torch.device("cpu"))
+    with lending(ws):
+        a = workspace.empty(shape, **kw)
+        workspace.give_back(a)
+        b = workspace.empty(shape, **kw)  # a's memory, lent again
+        c = workspace.empty(shape, **kw)  # while b is out: new memory
+    assert b.data_ptr() == a.data_ptr() and c.data_ptr() != b.data_ptr()
+    assert ws.nbytes == 2 * 16 * 4  # two buffers, not three
+    with lending(ws):
+        x, y = workspace.empty(shape, **kw), workspace.empty(shape, **kw)
+        z = workspace.empty(shape, **kw)
+    assert len({x.data_ptr(), y.data_ptr(), z.data_ptr()}) == 3  # never one buffer lent twice at once

@@ -137,3 +137,15 @@ def test_step_phases_reports_each_phase_share(tmp_path):
     assert all(0.0 < v for v in shares.values()) and sum(shares.values()) <= 1.0 + 1e-9
     assert base.ProbablyAlignedOptimizer._statistics is before
     assert (tmp_path / "step_phases.json").is_file()
+
+
+def test_bench_workspace_quick_reports_both_settings(tmp_path):
+    """benchmarks/bench_workspace.py: each step timed with and without the workspace, and every
+    fresh-process measurement present (no number is asserted but the workspace's own bytes)."""
+    _run([sys.executable, str(BENCH / "bench_workspace.py"), "--quick", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "workspace.json").read_text())
+    m = payload["models"]["mlp"]
+    assert set(m["memory"]) == {"b[reuse]", "b[fresh]", "c[reuse]", "c[fresh]"}
+    assert all(v["peak_rss_mib"] > 0 and v["minor_page_faults_per_step"] >= 0 for v in m["memory"].values())
+    assert m["memory"]["b[fresh]"]["workspace_mib_between_steps"] == 0  # nothing held when off
+    assert all(math.isfinite(r["median"]) for r in m["ratios_reuse_over_fresh"].values())

@@ -3,9 +3,10 @@
 A masked step makes a few parameter-sized temporaries: each layer's statistics (a mean and a
 ``Σg²`` per side) and, behind the retain guard, the deferred moves. On CPU a freshly allocated large
 tensor is not free: glibc serves blocks above its mmap threshold (at most 32 MiB) with new pages, and
-the first write to each page faults — measured here, a fresh 64 MiB product cost 17 ms where the
-same product into a kept buffer cost 1.6 ms (benchmarks/README.md). CUDA's caching allocator already
-reuses blocks, so there the step allocates as usual.
+the first write to each page faults, and glibc trims freed heap memory back to the system, so
+smaller ones fault again too (benchmarks/bench_workspace.py: a default step of a 16.8 M-parameter
+MLP took 98 k minor faults and twice the time without the workspace, ResNet-18's 32 k). CUDA's
+caching allocator already reuses blocks, so there the step allocates as usual.
 
 :class:`Workspace` lends buffers for the length of a step (``with lending(ws): ...``): inside, the
 built-in layer rules and the fused step take their large outputs from :func:`empty`; when the block

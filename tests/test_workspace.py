@@ -208,3 +208,23 @@ def test_a_buffer_given_back_is_lent_again_in_the_round_but_held_once(lend_every
         x, y = workspace.empty(shape, **kw), workspace.empty(shape, **kw)
         z = workspace.empty(shape, **kw)
     assert len({x.data_ptr(), y.data_ptr(), z.data_ptr()}) == 3  # never one buffer lent twice at once
+
+
+def test_the_steps_warnings_point_at_the_caller():
+    # step() now runs its body inside the workspace's lending block: one frame deeper than before
+    import warnings
+
+    model = _net()
+    opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()  # no batches: "the update is not masked"
+    assert [w.filename for w in caught] == [__file__]
+    opt = ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, certify=0.9)
+    (f, r) = random_batches(0, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(forget=f, retain=r)  # certify on the step's own retain batch
+    assert __file__ in [w.filename for w in caught if "certify reuses" in str(w.message)]

@@ -312,7 +312,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             return
         if any(self._effective(g, s) is not None for g in self.param_groups for s in ("forget", "retain")):
             warnings.warn(f"{type(self).__name__}.step() got no forget/retain batch: the update is not masked",
-                          stacklevel=4)
+                          stacklevel=6)  # as the certify warning: the caller of step()
             self._warned_unmasked = True
 
     def _statistics(self, params: list[Tensor], forget: Batch | None, retain: Batch | None
@@ -352,10 +352,12 @@ class ProbablyAlignedOptimizer(Optimizer):
         for i, p in enumerate(params):
             r = None if stats_r is None else _as(stats_r.mean[i], p.dtype)
             f = None if stats_f is None else _as(stats_f.mean[i], p.dtype)
+            if r is not None and f is not None and self.retain_weight != 1:
+                out[id(p)] = r * self.retain_weight - f * self.forget_weight
+                continue
             buf = lend(p.shape, dtype=p.dtype, device=p.device)
             if r is not None and f is not None:
-                out[id(p)] = (torch.sub(r, f, alpha=self.forget_weight, out=buf) if self.retain_weight == 1
-                              else r * self.retain_weight - f * self.forget_weight)
+                out[id(p)] = torch.sub(r, f, alpha=self.forget_weight, out=buf)
             elif r is not None:
                 out[id(p)] = torch.mul(r, self.retain_weight, out=buf)
             else:
@@ -397,7 +399,7 @@ class ProbablyAlignedOptimizer(Optimizer):
             warnings.warn(
                 "certify reuses the retain batch the mask was chosen on, which certifies optimistically; "
                 "pass an independent check_retain batch for an honest whole-update test",
-                stacklevel=4,
+                stacklevel=6,  # _certify, _masked_step, step, no_grad's wrapper, torch.optim's hook wrapper
             )
             self._warned_same_batch = True
         # one test of the whole step, so one threshold: Student-t (the exact small-sample rule, for

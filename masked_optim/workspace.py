@@ -43,52 +43,46 @@ class Workspace:
     """A pool of buffers lent for one step at a time (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._free: dict[_Key, list[Tensor]] = {}
-        self._lent: list[tuple[_Key, Tensor]] = []
-        self._used: list[tuple[_Key, Tensor]] = []  # given back during this round
+        self._free: dict[_Key, list[Tensor]] = {}  # ready to lend
+        self._round: dict[int, tuple[_Key, Tensor]] = {}  # every buffer lent in this round, by id
+        self._out: dict[int, Tensor] = {}  # lent and not given back yet
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised buffer of ``shape``, not lent to anyone else until :meth:`release`."""
         key = (tuple(int(s) for s in shape), dtype, torch.device(device))
         free = self._free.get(key)
         buf = free.pop() if free else torch.empty(key[0], dtype=dtype, device=device)
-        self._lent.append((key, buf))
+        self._round[id(buf)] = (key, buf)
+        self._out[id(buf)] = buf
         return buf
 
     def lent(self, t: Tensor) -> bool:
-        """Whether ``t`` is (a view of) a buffer lent in this round."""
+        """Whether ``t`` is (a view of) a buffer lent and not given back."""
         ptr = t.untyped_storage().data_ptr()
-        return any(buf.untyped_storage().data_ptr() == ptr for _, buf in self._lent)
+        return any(buf.untyped_storage().data_ptr() == ptr for buf in self._out.values())
 
     def give_back(self, t: Tensor) -> None:
         """Take ``t`` (a buffer lent in this round) back before the round ends, for the round's later
         requests: a temporary that dies inside the step does not hold its memory to the end."""
-        for j, (key, buf) in enumerate(self._lent):
-            if buf is t:
-                del self._lent[j]
-                self._free.setdefault(key, []).append(buf)
-                self._used.append((key, buf))
-                return
+        if self._out.pop(id(t), None) is not None:
+            self._free.setdefault(self._round[id(t)][0], []).append(t)
 
     def release(self) -> None:
         """Take every lent buffer back; drop the buffers this round did not use."""
         free: dict[_Key, list[Tensor]] = {}
-        seen: set[int] = set()
-        for key, buf in self._lent + self._used:  # a buffer given back and lent again counts once
-            if id(buf) not in seen:
-                seen.add(id(buf))
-                free.setdefault(key, []).append(buf)
-        self._free, self._lent, self._used = free, [], []
+        for key, buf in self._round.values():
+            free.setdefault(key, []).append(buf)
+        self._free, self._round, self._out = free, {}, {}
 
     def clear(self) -> None:
         """Drop every buffer (the memory goes back to the allocator)."""
-        self._free, self._lent, self._used = {}, [], []
+        self._free, self._round, self._out = {}, {}, {}
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the buffers free and lent."""
-        held = [b for bufs in self._free.values() for b in bufs] + [b for _, b in self._lent]
-        return sum(b.numel() * b.element_size() for b in held)
+        """Bytes held: the buffers ready to lend and those lent."""
+        held = {id(b): b for bufs in self._free.values() for b in bufs} | dict(self._out)
+        return sum(b.numel() * b.element_size() for b in held.values())
 
 
 _ACTIVE: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("masked_optim_workspace", default=None)
@@ -132,12 +126,9 @@ def is_lent(t: Tensor) -> bool:
 
 
 def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A buffer for a step's temporary: lent by the active workspace when there is one and the buffer
-    is at least :data:`MIN_BYTES` on CPU, else ``torch.empty``."""
-    ws = _ACTIVE.get()
-    if ws is not None and torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= MIN_BYTES:
-        return ws.empty(shape, dtype, device)
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
+    """A buffer for a step's temporary: :func:`lend`'s, else ``torch.empty``."""
+    buf = lend(shape, dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device) if buf is None else buf
 
 
 def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -129,6 +129,7 @@ def build(total: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
 def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> dict[str, Any]:
     from masked_optim import fused as F
     from masked_optim.optim.adam import adam_updates
+    from masked_optim.workspace import Workspace, lending
     from masked_optim.optim.masking import GroupTests, Side, Update, apply_updates, masks_of, step_scales
     from masked_optim.optim.sgd import sgd_updates
 
@@ -176,12 +177,15 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
             masked_apply(us, rescale)
         return fn
 
+    ws = Workspace()  # the fused calls run as inside an optimizer step: temporaries lent by its workspace
+
     def sgd_fused_step(direction_: Any = None, rescale: str | None = None, passes: str = "scratch") -> Any:
         def fn() -> None:
             F.RESCALE_PASSES = passes
             try:
-                F.masked_sgd_(params, None if direction_ else grads, t["fused_bufs"], *fsides, rescale=rescale,
-                              direction=direction_, fused=True, **sgd_kw)
+                with lending(ws):
+                    F.masked_sgd_(params, None if direction_ else grads, t["fused_bufs"], *fsides, rescale=rescale,
+                                  direction=direction_, fused=True, **sgd_kw)
             finally:
                 F.RESCALE_PASSES = "scratch"
         return fn
@@ -190,9 +194,10 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
         def fn() -> None:
             F.RESCALE_PASSES = passes
             try:
-                F.masked_adam_(params, None if direction_ else grads, t["fused_exp_avgs"], t["fused_exp_avg_sqs"],
-                               None, t["fused_steps"], *fsides, rescale=rescale, direction=direction_, fused=True,
-                               **adam_kw)
+                with lending(ws):
+                    F.masked_adam_(params, None if direction_ else grads, t["fused_exp_avgs"],
+                                   t["fused_exp_avg_sqs"], None, t["fused_steps"], *fsides, rescale=rescale,
+                                   direction=direction_, fused=True, **adam_kw)
             finally:
                 F.RESCALE_PASSES = "scratch"
         return fn

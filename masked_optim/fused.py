@@ -50,8 +50,8 @@ Numerics
 Step length
     ``rescale="norm"|"count"`` sets each tensor's step length from the whole mask, so the update needs
     the mask's sums before it moves anything. The compiled path makes two passes per tensor: the
-    first advances the state and writes ``m⊙u`` to a scratch buffer with the three sums (kept,
-    ``‖u‖²``, ``‖m⊙u‖²``), the second applies ``θ − lr·s·(m⊙u)`` (``RESCALE_PASSES`` below says which
+    first advances the state and writes ``m⊙u`` to a scratch buffer (lent by the optimizer's step
+    workspace, :mod:`masked_optim.workspace`) with the three sums (kept, ``‖u‖²``, ``‖m⊙u‖²``), the second applies ``θ − lr·s·(m⊙u)`` (``RESCALE_PASSES`` below says which
     variant; benchmarks/bench_kernel.py measured both). Factors over a group or over every group
     (``rescale_scope``) take the ``deltas=`` route: the pass writes ``m⊙u`` and the sums, the caller
     pools them with :func:`scale_from_sums` and applies with :func:`apply_deltas_`.
@@ -78,6 +78,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import workspace
 from .mask import check_step_length, length_factor
 from .mask import coeff as _coeff_of
 
@@ -474,18 +475,6 @@ def _contiguous(*ts: Tensor | None) -> bool:
     return all(t is None or t.is_contiguous() for t in ts)
 
 
-_SCRATCH: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def _scratch(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A flat scratch buffer of at least ``n`` elements, reused across tensors and steps."""
-    key = (device, dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _SCRATCH[key] = torch.empty(n, device=device, dtype=dtype)
-    return buf[:n]
-
-
 #: tensors per compiled call (a chunk): the first call of each chunk length compiles a graph with
 #: that many kernels (~0.5-1 s each, cold, on CPU). Measured at 10^7 parameters in 16 tensors, 2
 #: threads, side by side in one process (masked SGD / torch's fused step): 2.88x with 1 tensor a
@@ -557,10 +546,12 @@ def _run_all(name: str, jobs: list[_Job], soft: bool, rescale: str | None) -> li
         else:  # m⊙u to a scratch buffer with the sums, then the scaled apply
             job0 = jobs[idx[0]]
             sizes = [jobs[i].p.numel() for i in idx]
-            flat = _scratch(sum(sizes), job0.p.device, job0.sc.dtype)
+            # the optimizer's step workspace lends it (and takes it back for the next chunk)
+            flat = workspace.empty((sum(sizes),), dtype=job0.sc.dtype, device=job0.p.device)
             ds = list(flat.split(sizes))
             res = run("defer", idx, extra=ds)
             _call_chunk("apply", compiled, [(jobs[i].p, d, s, jobs[i].sc) for i, d, s in zip(idx, ds, res)], {})
+            workspace.give_back(flat)
             for i, s in zip(idx, res):
                 out[i] = StepSums(s[0], s[1], s[2])
     return out  # type: ignore[return-value]

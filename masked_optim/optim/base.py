@@ -193,14 +193,11 @@ class ProbablyAlignedOptimizer(Optimizer):
         # one host sync for everything the update will read: a non-finite per-sample gradient makes
         # its batch mean non-finite too; M2 alone can only overflow to +inf ("not significant")
         # (a mean whose layer rule certified it finite from the layer's inputs is not read)
-        to_check, certified, certificates = list(stat_grads.values()) if direction == "stats" else [], [], []
-        if direction != "stats":
-            for s in (stats_f, stats_r):
-                for i, m in enumerate(s.mean if s is not None else []):
-                    c = s.finite[i] if s.finite is not None else None  # type: ignore[union-attr]
-                    (to_check if c is None else certified).append(m)
-                    if c is not None:
-                        certificates.append(c)
+        means = [] if direction == "stats" else [
+            (m, s.finite[i] if s.finite is not None else None) for s in (stats_f, stats_r) if s is not None
+            for i, m in enumerate(s.mean)]
+        to_check = list(stat_grads.values()) + [m for m, c in means if c is None]
+        certified, certificates = [m for m, c in means if c is not None], [c for _, c in means if c is not None]
         if has_grad:
             to_check += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if (to_check or certified) and not all_finite(to_check, certificates, certified):

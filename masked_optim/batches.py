@@ -65,7 +65,11 @@ class ParsedBatch:
         return self.map(lambda t: t[start:stop])
 
     def to(self, device: torch.device) -> ParsedBatch:
-        """Every tensor on ``device`` (per-sample or not)."""
+        """Every tensor on ``device`` (per-sample or not); the batch itself when they all are."""
+        if all(not isinstance(v, Tensor) or v.device == device
+               for v in (self.targets, *self.args, *self.kwargs.values())):
+            return self  # frozen: nothing to copy (a new batch costs more than the check on small steps)
+
         def move(v: Any) -> Any:
             return v.to(device, non_blocking=True) if isinstance(v, Tensor) and v.device != device else v
 

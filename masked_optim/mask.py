@@ -35,6 +35,7 @@ __all__ = [
     "RESCALE_SCOPES",
     "soft_mask",
     "step_scale",
+    "step_scale_each",
     "student_t_cdf",
     "student_t_quantile",
     "z_scores",
@@ -67,6 +68,27 @@ def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max
     full = _sum([torch.linalg.vector_norm(u, dtype=acc).square() for u in updates])
     part = _sum([torch.linalg.vector_norm(m * u, dtype=acc).square() for m, u in zip(masks, updates)])
     return length_factor(how, max_scale, 0.0, full_sq=full, part_sq=part)
+
+
+def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float) -> list[Tensor]:
+    """:func:`step_scale` of each tensor on its own, bit for bit ``[step_scale([m], [u], how,
+    max_scale) for m, u in ...]``: the same norms per tensor, then the factor's elementwise
+    operations once over the stacked sums of each dtype and device (on a small model those few
+    operations per tensor cost more than the norms)."""
+    check_step_length(how, max_scale, len(masks))
+    if how != "norm":
+        return [step_scale([m], [u], how, max_scale) for m, u in zip(masks, updates)]
+    out: list[Tensor | None] = [None] * len(masks)
+    pools: dict[tuple, list[int]] = {}
+    for j, (m, u) in enumerate(zip(masks, updates)):
+        pools.setdefault((torch.float64 if m.dtype == torch.float64 else torch.float32, u.device), []).append(j)
+    for (acc, _), js in pools.items():
+        norms = [torch.linalg.vector_norm(updates[j], dtype=acc) for j in js]
+        norms += [torch.linalg.vector_norm(masks[j] * updates[j], dtype=acc) for j in js]
+        full, part = torch.stack(norms).square_().view(2, len(js)).unbind()
+        for j, s in zip(js, length_factor(how, max_scale, 0.0, full_sq=full, part_sq=part).unbind()):
+            out[j] = s
+    return out  # type: ignore[return-value]
 
 
 def check_step_length(how: str, max_scale: float, tensors: int) -> None:
@@ -269,7 +291,7 @@ def keep(u: Tensor, terms: list[Term], overwrite_m2: bool = False) -> Tensor:
     if worst is None:
         return (u != 0).to(u.dtype)
     # 1.0 where worst < 0, else 0.0, in place: large CPU allocations cost more than passes here
-    m = torch.lt(worst, 0, out=worst)
+    m = torch.lt(worst, _zero(worst), out=worst)  # a 0-d tensor: a Python 0 is wrapped each call (2x slower)
     return m if m.dtype == u.dtype else m.to(u.dtype)
 
 
@@ -284,7 +306,7 @@ def keep_mixed(u: Tensor, strict: list[Term], lenient: list[Term]) -> Tensor:
         if sign < 0:
             side.neg_()
         torch.maximum(side, torch.addcmul(m2, mean, mean, value=-1.0 / coeff), out=side)
-        m.mul_(side.ge_(0))  # in place: 1.0 where kept, in u's dtype
+        m.mul_(side.ge_(_zero(side)))  # in place: 1.0 where kept, in u's dtype
     return m
 
 
@@ -336,7 +358,7 @@ def _masked_add_terms(param: Tensor, u: Tensor, terms: list[Term], alpha: float)
         p_c, u_c, *rest = (t[a:b] for t in flat)
         chunk_terms = [(rest[2 * j], rest[2 * j + 1], sign, coeff) for j, (_, _, sign, coeff) in enumerate(terms)]
         w = _worst_into(u_c, chunk_terms, worst[: b - a], scratch[: b - a])
-        m = torch.lt(w, 0, out=w)  # type: ignore[arg-type]
+        m = torch.lt(w, _zero(w), out=w)  # type: ignore[arg-type]
         p_c.addcmul_(finite(u_c, out=scratch[: b - a]), m, value=alpha)  # scratch is free again
         kept.append(m.sum(dtype=torch.float64))
     return torch.stack(kept).sum()

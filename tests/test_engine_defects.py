@@ -242,3 +242,15 @@ def test_optimizer_with_tuple_output_model_and_loss_fn_steps():
     f, r = _data(seed=1), _data(seed=2)
     opt.step(forget=f, retain=r)
     assert opt.diagnostics.direction == "stats" and opt.diagnostics.n_retain == 6
+
+
+def test_a_parsed_batch_moved_to_its_own_device_is_itself_and_others_are_copies():
+    from masked_optim.batches import parse_batch
+
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    b = parse_batch({"input": x, "flag": True, "labels": y})
+    same = b.to(torch.device("cpu"))
+    assert same is b
+    meta = b.to(torch.device("meta"))  # another device: every tensor moved, the rest kept
+    assert meta is not b and meta.targets.device.type == "meta" and meta.kwargs["input"].device.type == "meta"
+    assert meta.kwargs["flag"] is True and meta.n == b.n and b.kwargs["input"].device.type == "cpu"

@@ -297,3 +297,44 @@ def test_retain_guard_backs_off_the_step_until_the_retain_loss_is_within_the_gua
     for bad in (-1.0, float("inf"), True):
         with pytest.raises(ValueError, match="retain_guard"):
             ProbablyAlignedSGD(model.parameters(), lr=0.1, model=model, retain_guard=bad)
+
+
+@pytest.mark.parametrize("how, cap", [("norm", 100.0), ("norm", 1.5), ("count", 100.0), ("count", 2.0)])
+def test_each_tensors_length_at_once_equals_one_at_a_time(how, cap):
+    """mask.step_scale_each (the factors of several tensors in one elementwise pass) is step_scale of
+    each tensor alone, bit for bit, in every dtype mix, with nothing kept, with u = 0, near the float
+    range; and its factor is the definition's (_hand_scale)."""
+    from masked_optim.mask import step_scale_each
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(40):
+        ms, us = [], []
+        for j in range(1 + trial % 6):
+            n = int(torch.randint(1, 3000, (1,), generator=g))
+            dt = (torch.float32, torch.float64, torch.bfloat16)[(trial + j) % 3]
+            u = (torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** (trial % 9 * 4 - 16)).to(dt)
+            m = (torch.rand(n, generator=g) < (j + 1) / 7).to(dt)
+            if trial % 5 == 0:
+                m.zero_()
+            if trial % 7 == 0:
+                u.zero_()
+            ms.append(m)
+            us.append(u)
+        got = step_scale_each(ms, us, how, cap)
+        for m, u, s in zip(ms, us, got):
+            want = step_scale([m], [u], how, cap)
+            assert s.dtype == want.dtype and s.shape == want.shape == ()
+            assert torch.equal(s, want)
+            if u.dtype != torch.bfloat16:
+                assert float(s) == pytest.approx(_hand_scale([m], [u], how, cap), rel=1e-5)
+
+
+def test_kept_counts_of_binary_masks_are_exact_sums():
+    from masked_optim.optim.diagnostics import counts
+
+    g = torch.Generator().manual_seed(3)
+    masks = [(torch.rand(n, generator=g) < 0.3).to(dt) for n, dt in
+             [(5, torch.float32), (70_000, torch.bfloat16), (1, torch.float64), (0, torch.float32)]]
+    for binary in (False, True):
+        got = counts(masks, binary)
+        assert [int(c) for c in got] == [int(m.double().sum()) for m in masks]

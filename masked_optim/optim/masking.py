@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..mask import Constraint, Term, coeff, feasibility_mask, feasibility_masks, finite, keep, keep_mixed, step_scale
+from ..mask import (Constraint, Term, coeff, feasibility_mask, feasibility_masks, finite, keep, keep_mixed, step_scale,
+                    step_scale_each)
 from .diagnostics import counts
 
 __all__ = ["GUARD_HALVINGS", "GroupTests", "Side", "Update", "apply_updates", "guarded_apply", "kept_counts",
@@ -130,10 +131,17 @@ def step_scales(updates: Sequence[Update], ms: Sequence[Tensor]) -> list[Tensor 
         how, scope, cap = up.tests.rescale
         key = (j,) if scope == "tensor" else (id(up.tests),) if scope == "group" else ("global", how, cap)
         pools.setdefault(key, []).append(j)
+    alone: dict[tuple, list[int]] = {}  # one tensor per pool: the factors of equal options at once
     for js in pools.values():
         how, _, cap = updates[js[0]].tests.rescale  # type: ignore[misc]
+        if len(js) == 1:
+            alone.setdefault((how, cap), []).append(js[0])
+            continue
         s = step_scale([ms[j] for j in js], [updates[j].u for j in js], how, cap)
         for j in js:
+            out[j] = s
+    for (how, cap), js in alone.items():
+        for j, s in zip(js, step_scale_each([ms[j] for j in js], [updates[j].u for j in js], how, cap)):
             out[j] = s
     return out
 
@@ -141,7 +149,8 @@ def step_scales(updates: Sequence[Update], ms: Sequence[Tensor]) -> list[Tensor 
 def kept_counts(updates: Sequence[Update], ms: Sequence[Tensor]) -> dict[int, list[Tensor]]:
     """Kept counts per group (keyed by ``id`` of its tests), before any step length."""
     out: dict[int, list[Tensor]] = {}
-    for up, c in zip(updates, counts(list(ms)) if ms else []):
+    binary = not any(up.tests.soft for up in updates)  # hard masks (and free positions' ones): 0/1
+    for up, c in zip(updates, counts(list(ms), binary) if ms else []):
         out.setdefault(id(up.tests), []).append(c)
     return out
 

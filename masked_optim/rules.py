@@ -142,9 +142,10 @@ def _linear_moments(a: Tensor, d: Tensor, bias: bool) -> dict[str, tuple[Tensor,
 
 
 def _linear_finite(m: nn.Linear, a: Tensor, d: Tensor) -> Tensor:
-    """True only if every entry of ``δᵀa/n`` (and of ``Σδ/n``) is finite: each sums ``terms`` products
-    (samples × positions) of at most ``max(|a|, 1)·max|δ|``, so below ``finfo.max / (4·terms)`` no
-    partial sum can overflow. A NaN or ±inf in ``a`` or ``δ`` makes a maximum NaN or inf: False."""
+    """True only if every entry of ``δᵀa/n`` (and of ``Σδ/n``) is finite and at most ``finfo.max/4``:
+    each sums ``terms`` products (samples × positions) of at most ``max(|a|, 1)·max|δ|``, so below
+    ``finfo.max / (4·terms)`` no partial sum exceeds a quarter of the range. A NaN or ±inf in ``a``
+    or ``δ`` makes a maximum NaN or inf: False."""
     if a.numel() == 0 or d.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=d.device)
     terms = max(1, a.numel() // max(1, a.shape[-1]))
@@ -368,7 +369,9 @@ class Rule:
     supports: Callable[[nn.Module], bool] | None = None
     segments: Callable[[nn.Module, Tensor, Tensor, int], Moments | None] | None = None
     #: optional — ``finite(module, a, δ)``: a 0-dim bool tensor that is True only if every mean the
-    #: rule forms from these inputs is finite (the optimizer's check then need not read the means)
+    #: rule forms from these inputs is finite and at most a quarter of its dtype's largest value in
+    #: magnitude (the optimizer's check then need not read the means, nor a fused pass's difference
+    #: of two of them, which stays finite)
     finite: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
 
 

@@ -67,8 +67,9 @@ class GradStats:
     #: adjusted threshold, saving two passes over the statistics)
     sumsq: bool = False
     #: per parameter, ``None`` or a 0-dim bool tensor that is True only if ``mean[i]`` is certainly
-    #: finite (a layer rule's bound from its inputs, :attr:`masked_optim.rules.Rule.finite`): the
-    #: optimizers' finite check reads it instead of the mean. ``None`` for the whole list: no
+    #: finite and at most a quarter of its dtype's range in magnitude (a layer rule's bound from its
+    #: inputs, :attr:`masked_optim.rules.Rule.finite`): the optimizers' finite check reads it instead
+    #: of the mean. ``None`` for the whole list: no
     #: certificates (every engine's default; merged or gathered statistics never carry them)
     finite: list[Tensor | None] | None = None
 
@@ -218,10 +219,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, wrappers):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        elif _has_orig_mod(model) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod  # torch._dynamo.eval_frame.OptimizedModule
         else:
             return model
+
+
+def _has_orig_mod(model: nn.Module) -> bool:
+    # where getattr could find it; a failed getattr on a module builds an AttributeError message
+    # (~10 µs, twice a step)
+    return "_orig_mod" in model._modules or "_orig_mod" in model.__dict__ or hasattr(type(model), "_orig_mod")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

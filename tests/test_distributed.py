@@ -310,3 +310,15 @@ def test_unwrap_model_strips_compile_wrappers_without_compiling():
     assert unwrap_model(model) is model
     with pytest.raises(TypeError, match="nn.Module"):
         unwrap_model(lambda x: x)
+
+    class ByProperty(nn.Module):  # a wrapper whose inner module is a class-level property
+        _orig_mod = property(lambda self: self.inner[0])
+
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.ModuleList([model])
+
+    assert unwrap_model(ByProperty()) is model
+    holder = nn.Module()
+    holder.__dict__["_orig_mod"] = model  # set past nn.Module's __setattr__, as torch's wrapper first does
+    assert unwrap_model(holder) is model

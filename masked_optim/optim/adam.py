@@ -135,7 +135,7 @@ class ProbablyAlignedAdam(ProbablyAlignedOptimizer):
 
     def _fused_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], forget: Any, retain: Any,
                       **kwargs: Any) -> list[Any]:
-        for g in grads:
+        for g in grads or ():  # None: the statistics direction, formed in the pass
             if torch.is_complex(g):
                 raise ValueError(f"{type(self).__name__} does not support complex gradients")
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._init_group(group, params)

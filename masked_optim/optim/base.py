@@ -187,26 +187,8 @@ class ProbablyAlignedOptimizer(Optimizer):
         n_r = stats_r.n if stats_r is not None else parsed_r.n if parsed_r is not None else 0
         losses = (None if stats_f is None else stats_f.loss, None if stats_r is None else stats_r.loss)
 
-        # ---- direction ----
+        # ---- direction, the groups' tests and which tensors take the fused pass ----
         direction = "grad" if has_grad else ("stats" if (stats_f or stats_r) else "none")
-        stat_grads = self._stats_direction(stat_params, stats_f, stats_r) if direction == "stats" else {}
-        # one host sync for everything the update will read: a non-finite per-sample gradient makes
-        # its batch mean non-finite too; M2 alone can only overflow to +inf ("not significant")
-        # (a mean whose layer rule certified it finite from the layer's inputs is not read)
-        means = [] if direction == "stats" else [
-            (m, s.finite[i] if s.finite is not None else None) for s in (stats_f, stats_r) if s is not None
-            for i, m in enumerate(s.mean)]
-        to_check = list(stat_grads.values()) + [m for m, c in means if c is None]
-        certified, certificates = [m for m, c in means if c is not None], [c for _, c in means if c is not None]
-        if has_grad:
-            to_check += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if (to_check or certified) and not all_finite(to_check, certificates, certified):
-            groups = len(self.param_groups)
-            self._raw_diag = RawDiagnostics(True, "non-finite gradients or statistics", direction, [None] * groups,
-                                            [0] * groups, n_f, n_r, *losses)
-            return
-
-        # ---- the base optimizer's updates, then masks and the move ----
         certify = self.certify is not None and (test_f or test_r)
         # only a masked step is guarded: with no test on either side the optimizer is torch.optim
         # (certify's whole-update test replaces the guard when both are set)
@@ -214,23 +196,58 @@ class ProbablyAlignedOptimizer(Optimizer):
         index = {id(p): i for i, p in enumerate(stat_params)}
         work = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if (p.grad if has_grad else stat_grads.get(id(p))) is not None]
-            grads = [p.grad if has_grad else stat_grads[id(p)] for p in params]
+            # the tensors with a direction: their gradient, or their statistics
+            params = [p for p in group["params"]
+                      if (p.grad is not None if has_grad else direction == "stats" and id(p) in index)]
             tests = self._group_tests(group, params, index, stats_f, stats_r, test_f, test_r)
             if (certify or guard) and tests is None and params:
                 tests = GroupTests(None, None, False)  # unmasked, but part of the step that is tested
-            work.append((group, params, grads, tests))
+            fused = fused_positions(group, params, tests, certify) if self._fuses else []
+            work.append((group, params, tests, fused))
+        # the fused pass forms the statistics direction itself where that is exact (u = μ_r − μ_f):
+        # no pass writing u, none reading it back for the finite check
+        inside = self._direction_inside(work, index, stats_f, stats_r) if direction == "stats" else set()
+
+        # one host sync for everything the update will read: a non-finite per-sample gradient makes
+        # its batch mean non-finite too; M2 alone can only overflow to +inf ("not significant")
+        # (a mean whose layer rule certified it finite from the layer's inputs is not read)
+        stat_grads: dict[int, Tensor] = {}
+        if direction == "stats":
+            stat_grads = self._stats_direction(stat_params, stats_f, stats_r, lambda p: id(p) not in inside)
+        while True:
+            means = [] if direction == "stats" else [
+                (m, s.finite[i] if s.finite is not None else None) for s in (stats_f, stats_r) if s is not None
+                for i, m in enumerate(s.mean)]
+            to_check = list(stat_grads.values()) + [m for m, c in means if c is None]
+            certified, certificates = [m for m, c in means if c is not None], [c for _, c in means if c is not None]
+            if has_grad:
+                to_check += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            bounds = self._direction_bounds(inside, index, stats_f, stats_r)
+            if not (to_check or certified or bounds) or all_finite(to_check, certificates, certified, bounds):
+                break
+            if inside:  # a bound failed, or something is not finite: decide it as without the fused direction
+                stat_grads.update(self._stats_direction(stat_params, stats_f, stats_r, lambda p: id(p) in inside))
+                inside = set()
+                continue
+            groups = len(self.param_groups)
+            self._raw_diag = RawDiagnostics(True, "non-finite gradients or statistics", direction, [None] * groups,
+                                            [0] * groups, n_f, n_r, *losses)
+            return
+
+        # ---- the base optimizer's updates, then masks and the move ----
         snapshot = None
         if certify and self.certify_policy == "skip":
             snapshot = snapshot_state(self.state, [p for _, params, _, _ in work for p in params])
         updates: list[Update] = []
         fused_moves: list[tuple[Tensor, Tensor, float]] = []  # deferred fused steps: (param, s·m⊙u, lr)
         fused_kept: dict[int, list[Tensor]] = {}
-        for group, params, grads, tests in work:
-            fused = fused_positions(group, params, tests, certify) if self._fuses else []
+        for group, params, tests, fused in work:
+            grads = [p.grad if has_grad else stat_grads.get(id(p)) for p in params]  # None: formed inside
             if fused:
+                means = self._direction_means([params[i] for i in fused], index, stats_f, stats_r) \
+                    if id(params[fused[0]]) in inside else None
                 fused_kept[id(tests)] = fused_step(self._fused_update, group, params, grads, tests, fused, guard,
-                                                   fused_moves)
+                                                   fused_moves, means)
                 rest = [i for i in range(len(params)) if i not in set(fused)]
                 params, grads = [params[i] for i in rest], [grads[i] for i in rest]
             else:
@@ -264,7 +281,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         skipped = report is not None and report.action == "skipped"
         self._raw_diag = RawDiagnostics(
             skipped, "whole-update test failed" if skipped else None, direction,
-            [None if t is None else kept.get(id(t), []) for _, _, _, t in work],
+            [None if t is None else kept.get(id(t), []) for _, _, t, _ in work],
             [sum(p.numel() for p in params) for _, params, _, _ in work], n_f, n_r, *losses, report, step_fraction,
         )
 
@@ -341,12 +358,15 @@ class ProbablyAlignedOptimizer(Optimizer):
                             f"(or {side} confidence exactly 0.5, plain sign agreement)"
                         )
 
-    def _stats_direction(self, params: list[Tensor], stats_f: GradStats | None, stats_r: GradStats | None
-                         ) -> dict[int, Tensor]:
-        """``retain_weight·μ_r − forget_weight·μ_f`` per parameter, as new tensors (large ones lent by
-        the step's workspace, see :mod:`masked_optim.workspace`)."""
+    def _stats_direction(self, params: list[Tensor], stats_f: GradStats | None, stats_r: GradStats | None,
+                         only: Callable[[Tensor], bool] | None = None) -> dict[int, Tensor]:
+        """``retain_weight·μ_r − forget_weight·μ_f`` per parameter (``params``: in the statistics'
+        order; ``only``: of those it accepts), as new tensors (large ones lent by the step's
+        workspace, see :mod:`masked_optim.workspace`)."""
         out = {}
         for i, p in enumerate(params):
+            if only is not None and not only(p):
+                continue
             r = None if stats_r is None else _as(stats_r.mean[i], p.dtype)
             f = None if stats_f is None else _as(stats_f.mean[i], p.dtype)
             if r is not None and f is not None and self.retain_weight != 1:
@@ -359,6 +379,49 @@ class ProbablyAlignedOptimizer(Optimizer):
                 out[id(p)] = torch.mul(r, self.retain_weight, out=buf)
             else:
                 out[id(p)] = torch.mul(f, -self.forget_weight, out=buf)  # type: ignore[arg-type]
+        return out
+
+    def _direction_inside(self, work: list[tuple], index: dict[int, int], stats_f: GradStats | None,
+                          stats_r: GradStats | None) -> set[int]:
+        """Ids of the fused tensors whose pass forms the statistics direction itself, where that is
+        the eager direction bit for bit: both weights 1 (the pass's ``1·μ_r − 1·μ_f`` is ``μ_r − μ_f``)
+        and statistics in the parameter's dtype (the eager direction is rounded to it first). Per
+        group: all of its fused tensors or none."""
+        if self.forget_weight != 1 or self.retain_weight != 1:
+            return set()
+        out: set[int] = set()
+        for _, params, _, fused in work:
+            ps = [params[i] for i in fused]
+            if ps and all(s is None or s.mean[index[id(p)]].dtype == p.dtype for p in ps for s in (stats_f, stats_r)):
+                out.update(id(p) for p in ps)
+        return out
+
+    @staticmethod
+    def _direction_means(params: list[Tensor], index: dict[int, int], stats_f: GradStats | None,
+                         stats_r: GradStats | None) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+        """The forget and retain means of ``params`` (``None``: no statistics on that side)."""
+        return tuple(None if s is None else [s.mean[index[id(p)]] for p in params]  # type: ignore[return-value]
+                     for s in (stats_f, stats_r))
+
+    @staticmethod
+    def _direction_bounds(inside: set[int], index: dict[int, int], stats_f: GradStats | None,
+                          stats_r: GradStats | None) -> list[Tensor]:
+        """0-dim bools that hold only if every ``u = μ_r − μ_f`` a fused pass forms is finite: each mean
+        finite and at most a quarter of its dtype's range in magnitude (so their difference is at most
+        half). A layer rule's certificate says so without reading the mean (:attr:`Rule.finite`);
+        any other mean is read once (its minimum and maximum, which keep NaN)."""
+        out = []
+        for i in sorted(index[pid] for pid in inside):
+            for s in (stats_f, stats_r):
+                if s is None:
+                    continue
+                cert = s.finite[i] if s.finite is not None else None
+                if cert is not None:
+                    out.append(cert)
+                elif s.mean[i].numel():
+                    lo, hi = torch.aminmax(s.mean[i])
+                    limit = torch.finfo(s.mean[i].dtype).max / 4
+                    out.append((hi <= limit) & (lo >= -limit))
         return out
 
     def _group_tests(self, group: dict[str, Any], params: list[Tensor], index: dict[int, int],
@@ -412,9 +475,10 @@ class ProbablyAlignedOptimizer(Optimizer):
     #: whether the subclass has a fused step (:meth:`_fused_update`)
     _fuses = False
 
-    def _fused_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], forget: Side | None,
-                      retain: Side | None, **kwargs: Any) -> list[Any]:
-        """The subclass's :mod:`masked_optim.fused` step for ``params`` (its state advanced)."""
+    def _fused_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor] | None,
+                      forget: Side | None, retain: Side | None, **kwargs: Any) -> list[Any]:
+        """The subclass's :mod:`masked_optim.fused` step for ``params`` (its state advanced); ``grads``
+        ``None``: the pass forms the direction from ``kwargs["direction"]``'s means."""
         raise NotImplementedError
 
     # -- internals ---------------------------------------------------------------------------------
@@ -473,11 +537,13 @@ class ProbablyAlignedOptimizer(Optimizer):
         raise NotImplementedError
 
 
-def all_finite(tensors: list[Tensor], certificates: Sequence[Tensor] = (), certified: Sequence[Tensor] = ()) -> bool:
-    """Whether every entry of ``tensors`` and ``certified`` is finite, with one host sync.
-    ``certificates``: 0-dim bool tensors, all True only if every ``certified`` tensor is finite (a
-    layer rule's bound, :attr:`~masked_optim.stats.GradStats.finite`), read instead of those tensors;
-    when one is False the tensors themselves decide."""
+def all_finite(tensors: list[Tensor], certificates: Sequence[Tensor] = (), certified: Sequence[Tensor] = (),
+               bounds: Sequence[Tensor] = ()) -> bool:
+    """Whether every entry of ``tensors`` and ``certified`` is finite and every one of ``bounds``
+    holds, with one host sync. ``certificates``: 0-dim bool tensors, all True only if every
+    ``certified`` tensor is finite (a layer rule's bound, :attr:`~masked_optim.stats.GradStats.finite`),
+    read instead of those tensors; when one is False the tensors themselves decide. ``bounds``: 0-dim
+    bool tensors that must all be True (no second opinion)."""
     # NaN and ±Inf survive a sum (inf − inf is NaN): one parallel reduction per tensor, 5x faster on
     # CPU than an L1 norm. Only finite values summing past the float range (~3e38) can fail it
     # without a non-finite entry, so a failure is confirmed exactly.
@@ -485,13 +551,19 @@ def all_finite(tensors: list[Tensor], certificates: Sequence[Tensor] = (), certi
     if certificates:  # 0 when every certificate holds, +inf when one does not
         held = torch.stack([c.to(certificates[0].device) for c in certificates]).all()
         sums.append(torch.where(held, 0.0, math.inf))
+    if bounds:
+        sums.append(torch.where(torch.stack([b.to(bounds[0].device) for b in bounds]).all(), 0.0, math.inf))
     if not sums:
         return True
     try:
         total = float(torch.stack(sums).sum()) if len(sums) > 1 else float(sums[0])
     except RuntimeError:  # tensors on several devices (a float sum keeps NaN and inf − inf = NaN)
         total = sum(float(s) for s in sums)
-    return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in [*tensors, *certified])
+    if math.isfinite(total):
+        return True
+    if bounds and not bool(torch.stack([b.to(bounds[0].device) for b in bounds]).all()):
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in [*tensors, *certified])
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -26,17 +26,22 @@ def fused_positions(group: dict[str, Any], params: list[Tensor], tests: GroupTes
     return [i for i, p in enumerate(params) if fused_kernels.use_fused(group.get("fused"), p)]
 
 
-def fused_step(update: Callable[..., list[Any]], group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-               tests: GroupTests, idx: list[int], defer: bool, moves: list[tuple[Tensor, Tensor, float]]
-               ) -> list[Tensor]:
+def fused_step(update: Callable[..., list[Any]], group: dict[str, Any], params: list[Tensor],
+               grads: list[Tensor | None], tests: GroupTests, idx: list[int], defer: bool,
+               moves: list[tuple[Tensor, Tensor, float]],
+               means: tuple[list[Tensor] | None, list[Tensor] | None] | None = None) -> list[Tensor]:
     """The fused masked step of ``params[idx]`` by ``update`` (the optimizer's ``_fused_update``):
     applied now, or (``defer``: the retain guard) the state advanced and the moves ``(param, s·m⊙u,
-    lr)`` appended to ``moves``, for the guard to apply and back off. Returns the kept counts."""
-    ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+    lr)`` appended to ``moves``, for the guard to apply and back off. ``means``: the forget and retain
+    means of ``params[idx]``, whose difference the pass forms as the direction (``grads`` unused).
+    Returns the kept counts."""
+    ps = [params[i] for i in idx]
+    gs = None if means is not None else [grads[i] for i in idx]
     forget, retain = subset(tests.forget, idx), subset(tests.retain, idx)
     how, _, cap = tests.rescale if tests.rescale is not None else (None, "tensor", 100.0)
     deltas = [workspace.empty_like(p) for p in ps] if defer else None
-    sums = update(group, ps, gs, forget, retain, soft=tests.soft, rescale=how, max_scale=cap, deltas=deltas)
+    extra = {} if means is None else {"direction": fused_kernels.Direction(*means)}
+    sums = update(group, ps, gs, forget, retain, soft=tests.soft, rescale=how, max_scale=cap, deltas=deltas, **extra)
     if deltas is not None:
         for p, d, ss in zip(ps, deltas, sums):
             # the tensor's own length, from the pass's sums, as a pass of its own: scaling inside the

@@ -365,7 +365,7 @@ def _static_available(device_type: str) -> str | None:
 def available(device: str | torch.device = "cpu") -> bool:
     """Whether the compiled kernels can run on ``device`` (type): ``torch.compile`` works here, with a
     C++ compiler on CPU and Triton on CUDA, and no earlier compilation failed."""
-    dt = torch.device(device).type
+    dt = device.type if isinstance(device, torch.device) else torch.device(device).type
     return _static_available(dt) is None and dt not in _BROKEN
 
 
@@ -380,9 +380,10 @@ def use_fused(fused: bool | None, tensor: Tensor) -> bool:
     ``False`` (not compiled), ``None`` (compiled where it pays off: CUDA, or CPU tensors of at least
     :data:`CPU_MIN_NUMEL` elements, when available)."""
     if fused is None:
-        if tensor.device.type != "cuda" and tensor.numel() < CPU_MIN_NUMEL:
+        device = tensor.device
+        if device.type != "cuda" and tensor.numel() < CPU_MIN_NUMEL:
             return False
-        return available(tensor.device)
+        return available(device)
     if fused and not available(tensor.device):
         raise RuntimeError(f"fused=True, but the fused kernels cannot run on {tensor.device}: "
                            f"{why_unavailable(tensor.device)}")
@@ -411,7 +412,9 @@ def _compiled(key: tuple) -> Any:
 
 
 def _key(name: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
-    return (name, *(None if a is None else (a.dtype, a.device) for a in args), *kwargs.values())
+    # the first argument's device (the parameter's: the others must share it, or the kernel fails as
+    # the eager one would) and every dtype; a tensor's .device builds a new object on each read
+    return (name, args[0].device, *(None if a is None else a.dtype for a in args), *kwargs.values())
 
 
 def _no_duck_shapes() -> Any:

@@ -211,27 +211,26 @@ class ProbablyAlignedOptimizer(Optimizer):
         # one host sync for everything the update will read: a non-finite per-sample gradient makes
         # its batch mean non-finite too; M2 alone can only overflow to +inf ("not significant")
         # (a mean whose layer rule certified it finite from the layer's inputs is not read)
+        means = [] if direction == "stats" else [
+            (m, s.finite[i] if s.finite is not None else None) for s in (stats_f, stats_r) if s is not None
+            for i, m in enumerate(s.mean)]
+        read = [m for m, c in means if c is None]
+        certified, certificates = [m for m, c in means if c is not None], [c for _, c in means if c is not None]
+        if has_grad:
+            read += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         stat_grads: dict[int, Tensor] = {}
         if direction == "stats":
             stat_grads = self._stats_direction(stat_params, stats_f, stats_r, lambda p: id(p) not in inside)
-        while True:
-            means = [] if direction == "stats" else [
-                (m, s.finite[i] if s.finite is not None else None) for s in (stats_f, stats_r) if s is not None
-                for i, m in enumerate(s.mean)]
-            to_check = list(stat_grads.values()) + [m for m, c in means if c is None]
-            certified, certificates = [m for m, c in means if c is not None], [c for _, c in means if c is not None]
-            if has_grad:
-                to_check += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            bounds = self._direction_bounds(inside, index, stats_f, stats_r)
-            if not (to_check or certified or bounds) or all_finite(to_check, certificates, certified, bounds):
-                break
-            if inside:  # a bound failed, or something is not finite: decide it as without the fused direction
-                stat_grads.update(self._stats_direction(stat_params, stats_f, stats_r, lambda p: id(p) in inside))
-                inside = set()
-                continue
+        bounds = self._direction_bounds(inside, index, stats_f, stats_r)
+        finite = all_finite([*stat_grads.values(), *read], certificates, certified, bounds)
+        if not finite and inside:  # a bound failed, or something is not finite: the eager direction decides
+            stat_grads.update(self._stats_direction(stat_params, stats_f, stats_r, lambda p: id(p) in inside))
+            inside = set()
+            finite = all_finite([*stat_grads.values(), *read], certificates, certified)
+        if not finite:
             groups = len(self.param_groups)
-            self._raw_diag = RawDiagnostics(True, "non-finite gradients or statistics", direction, [None] * groups,
-                                            [0] * groups, n_f, n_r, *losses)
+            self._raw_diag = RawDiagnostics(True, "non-finite gradients or statistics", direction,
+                                            [None] * groups, [0] * groups, n_f, n_r, *losses)
             return
 
         # ---- the base optimizer's updates, then masks and the move ----

@@ -51,8 +51,9 @@ Step length
     ``rescale="norm"|"count"`` sets each tensor's step length from the whole mask, so the update needs
     the mask's sums before it moves anything. The compiled path makes two passes per tensor: the
     first advances the state and writes ``m⊙u`` to a scratch buffer (lent by the optimizer's step
-    workspace, :mod:`masked_optim.workspace`) with the three sums (kept, ``‖u‖²``, ``‖m⊙u‖²``), the second applies ``θ − lr·s·(m⊙u)`` (``RESCALE_PASSES`` below says which
-    variant; benchmarks/bench_kernel.py measured both). Factors over a group or over every group
+    workspace, :mod:`masked_optim.workspace`) with the three sums (kept, ``‖u‖²``, ``‖m⊙u‖²``), the
+    second applies ``θ − lr·s·(m⊙u)`` (``RESCALE_PASSES`` below says which variant;
+    benchmarks/bench_kernel.py measured both). Factors over a group or over every group
     (``rescale_scope``) take the ``deltas=`` route: the pass writes ``m⊙u`` and the sums, the caller
     pools them with :func:`scale_from_sums` and applies with :func:`apply_deltas_`.
 

@@ -177,7 +177,8 @@ class HookEngine:
                     chunk = b.n if self.chunk_size is None else min(self.chunk_size, b.n)
                     for start in range(0, b.n, chunk):
                         stop = min(start + chunk, b.n)
-                        outs, _ = self._pass(model, params, plan, b.slice(start, stop), [stop - start], loss, False)
+                        outs, _ = self._pass(model, params, plan, b.slice(start, stop), [stop - start], loss,
+                                             False)
                         merge_into(acc, stop - start, *outs[0][:3])
         whole = sorted(plan.whole)
         if whole:

@@ -70,7 +70,8 @@ def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max
     return length_factor(how, max_scale, 0.0, full_sq=full, part_sq=part)
 
 
-def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float) -> list[Tensor]:
+def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float
+                    ) -> list[Tensor]:
     """:func:`step_scale` of each tensor on its own, bit for bit ``[step_scale([m], [u], how,
     max_scale) for m, u in ...]``: the same norms per tensor, then the factor's elementwise
     operations once over the stacked sums of each dtype and device (on a small model those few
@@ -81,7 +82,8 @@ def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str
     out: list[Tensor | None] = [None] * len(masks)
     pools: dict[tuple, list[int]] = {}
     for j, (m, u) in enumerate(zip(masks, updates)):
-        pools.setdefault((torch.float64 if m.dtype == torch.float64 else torch.float32, u.device), []).append(j)
+        acc = torch.float64 if m.dtype == torch.float64 else torch.float32
+        pools.setdefault((acc, u.device), []).append(j)
     for (acc, _), js in pools.items():
         norms = [torch.linalg.vector_norm(updates[j], dtype=acc) for j in js]
         norms += [torch.linalg.vector_norm(masks[j] * updates[j], dtype=acc) for j in js]
@@ -109,7 +111,8 @@ def length_factor(how: str, max_scale: float, numel: float, *, kept: Tensor | No
     if how == "count":
         return numel / kept.clamp_min(numel / max_scale)  # type: ignore[union-attr]
     # part ≤ full, so the ratio is ≥ 1; part = 0 (nothing kept, 0/0 when u = 0 too) gives 1
-    return torch.nan_to_num(full_sq / part_sq, nan=1.0, posinf=1.0).sqrt_().clamp_(1.0, max_scale)  # type: ignore[operator]
+    ratio = torch.nan_to_num(full_sq / part_sq, nan=1.0, posinf=1.0)  # type: ignore[operator]
+    return ratio.sqrt_().clamp_(1.0, max_scale)
 
 
 def _sum(values: list[Tensor]) -> Tensor:

@@ -458,7 +458,8 @@ def _conv_ok(m: nn.Module) -> bool:
 
 
 register_rule(nn.Linear, _linear, per_sample=_linear_per_sample)
-_REGISTRY[nn.Linear] = dataclasses.replace(_REGISTRY[nn.Linear], segments=_linear_segments, finite=_linear_finite)
+_REGISTRY[nn.Linear] = dataclasses.replace(_REGISTRY[nn.Linear], segments=_linear_segments,
+                                           finite=_linear_finite)
 register_rule(nn.Conv1d, _conv, per_sample=_conv_per_sample, supports=_conv_ok)
 register_rule(nn.Conv2d, _conv, per_sample=_conv_per_sample, supports=_conv_ok)
 register_rule(nn.Embedding, _embedding, per_sample=_embedding_per_sample, params=("weight",),

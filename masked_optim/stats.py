@@ -69,8 +69,8 @@ class GradStats:
     #: per parameter, ``None`` or a 0-dim bool tensor that is True only if ``mean[i]`` is certainly
     #: finite and at most a quarter of its dtype's range in magnitude (a layer rule's bound from its
     #: inputs, :attr:`masked_optim.rules.Rule.finite`): the optimizers' finite check reads it instead
-    #: of the mean. ``None`` for the whole list: no
-    #: certificates (every engine's default; merged or gathered statistics never carry them)
+    #: of the mean. ``None`` for the whole list: no certificates (every engine's default; merged or
+    #: gathered statistics never carry them)
     finite: list[Tensor | None] | None = None
 
     def variance(self) -> list[Tensor]:

@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .rules import Rule, SparseRows
 from .stats import sumsq_to_m2_
 
-__all__ = ["CERTIFY_MIN_NUMEL", "DEFER_MAX", "REENTRANT", "Call", "LayerTap", "RuleTap", "State", "first_input", "in_backward"]
+__all__ = ["CERTIFY_MIN_NUMEL", "DEFER_MAX", "REENTRANT", "Call", "LayerTap", "RuleTap", "State", "first_input",
+           "in_backward"]
 
 
 # layers whose output gradient has at most this many elements run their rule after the backward
@@ -232,7 +233,9 @@ class RuleTap:
     def _certificate(self, a: Tensor, d: Tensor) -> Tensor | None:
         """The rule's certificate that this layer's means are finite, for layers large enough that
         reading their means to check them costs more than the certificate's few reductions."""
-        if self.rule.finite is None or sum(getattr(self.module, k).numel() for k in self.owned) < CERTIFY_MIN_NUMEL:
+        if self.rule.finite is None:
+            return None
+        if sum(getattr(self.module, k).numel() for k in self.owned) < CERTIFY_MIN_NUMEL:
             return None
         return self.rule.finite(self.module, a, d)
 

@@ -85,7 +85,8 @@ class Workspace:
         return sum(b.numel() * b.element_size() for b in held.values())
 
 
-_ACTIVE: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("masked_optim_workspace", default=None)
+_ACTIVE: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("masked_optim_workspace",
+                                                                           default=None)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,10 @@ from .options import MASK_KEYS, MaskOptions, make_engine, validate_group
 __all__ = ["ProbablyAlignedOptimizer", "use_foreach"]
 
 
+#: attributes a copy or a pickle does not take: derived per model, buffers, caches
+_NOT_COPIED = ("_model_param_ids", "workspace", "_protocols")
+
+
 class ProbablyAlignedOptimizer(Optimizer):
     """Base class: subclasses implement ``_update_group(group, params, grads, apply)``, the base
     optimizer's functional — it advances the state exactly as torch.optim would and either applies
@@ -82,7 +86,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         # the ids of the model's parameters are recomputed for the copy's own model (__setstate__).
         state = super().__getstate__()
         for key, value in self.__dict__.items():
-            if not key.startswith("_optimizer_") and key not in ("_model_param_ids", "workspace", "_protocols"):
+            if not key.startswith("_optimizer_") and key not in _NOT_COPIED:
                 state.setdefault(key, value)
         return state
 
@@ -215,7 +219,8 @@ class ProbablyAlignedOptimizer(Optimizer):
             (m, s.finite[i] if s.finite is not None else None) for s in (stats_f, stats_r) if s is not None
             for i, m in enumerate(s.mean)]
         read = [m for m, c in means if c is None]
-        certified, certificates = [m for m, c in means if c is not None], [c for _, c in means if c is not None]
+        certified = [m for m, c in means if c is not None]
+        certificates = [c for _, c in means if c is not None]
         if has_grad:
             read += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         stat_grads: dict[int, Tensor] = {}
@@ -391,7 +396,8 @@ class ProbablyAlignedOptimizer(Optimizer):
         out: set[int] = set()
         for _, params, _, fused in work:
             ps = [params[i] for i in fused]
-            if ps and all(s is None or s.mean[index[id(p)]].dtype == p.dtype for p in ps for s in (stats_f, stats_r)):
+            sides = [s for s in (stats_f, stats_r) if s is not None]
+            if ps and all(s.mean[index[id(p)]].dtype == p.dtype for p in ps for s in sides):
                 out.update(id(p) for p in ps)
         return out
 
@@ -488,7 +494,8 @@ class ProbablyAlignedOptimizer(Optimizer):
         cache = self.__dict__.setdefault("_protocols", {})
         hit = cache.get(key)
         if hit is None or hit[0] is not self.engine:
-            hit = cache[key] = (self.engine, isinstance(self.engine, protocol))  # the engine kept: its id stays unique
+            # the engine is kept with the answer: its id stays unique while the entry lives
+            hit = cache[key] = (self.engine, isinstance(self.engine, protocol))
         return hit[1]
 
     def _stat_params(self) -> list[Tensor]:

@@ -41,7 +41,8 @@ def fused_step(update: Callable[..., list[Any]], group: dict[str, Any], params: 
     how, _, cap = tests.rescale if tests.rescale is not None else (None, "tensor", 100.0)
     deltas = [workspace.empty_like(p) for p in ps] if defer else None
     extra = {} if means is None else {"direction": fused_kernels.Direction(*means)}
-    sums = update(group, ps, gs, forget, retain, soft=tests.soft, rescale=how, max_scale=cap, deltas=deltas, **extra)
+    sums = update(group, ps, gs, forget, retain, soft=tests.soft, rescale=how, max_scale=cap, deltas=deltas,
+                  **extra)
     if deltas is not None:
         for p, d, ss in zip(ps, deltas, sums):
             # the tensor's own length, from the pass's sums, as a pass of its own: scaling inside the

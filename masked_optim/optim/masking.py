@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..mask import (Constraint, Term, coeff, feasibility_mask, feasibility_masks, finite, keep, keep_mixed, step_scale,
-                    step_scale_each)
+from ..mask import (Constraint, Term, coeff, feasibility_mask, feasibility_masks, finite, keep, keep_mixed,
+                    step_scale, step_scale_each)
 from .diagnostics import counts
 
 __all__ = ["GUARD_HALVINGS", "GroupTests", "Side", "Update", "apply_updates", "guarded_apply", "kept_counts",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -58,6 +59,9 @@ def test_run_all_quick_writes_json_and_summary(tmp_path):
     entry = next(iter(kernel["sizes"].values()))
     assert not entry["errors"], entry["errors"]
     assert 0.0 <= entry["kept_fraction"] <= 1.0
+    cold = entry["cold"]  # the cold-cache timing of the acceptance pairs ran
+    assert {"copy", "sgd_torch_fused", "adam_torch_fused"} <= set(cold["timing"])
+    assert all(t > 0 for v in cold["timing"].values() for t in v["times_s"])
 
     quality = json.loads((tmp_path / "quality.json").read_text())
     if "skipped" not in quality:
@@ -149,3 +153,27 @@ def test_bench_workspace_quick_reports_both_settings(tmp_path):
     assert all(v["peak_rss_mib"] > 0 and v["minor_page_faults_per_step"] >= 0 for v in m["memory"].values())
     assert m["memory"]["b[fresh]"]["workspace_mib_between_steps"] == 0  # nothing held when off
     assert all(math.isfinite(r["median"]) for r in m["ratios_reuse_over_fresh"].values())
+
+
+def test_kernel_cold_timing_times_single_calls_interleaved():
+    import bench_kernel
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    out = bench_kernel.cold_timing(fns, torch.device("cpu"), repeats=2, evict_bytes=1 << 12)
+    assert calls.count("a") == calls.count("b") == 2 * bench_kernel.COLD_CALLS
+    assert calls[: bench_kernel.COLD_CALLS] == ["a"] * bench_kernel.COLD_CALLS  # rotated: a first, then b first
+    assert calls[2 * bench_kernel.COLD_CALLS] == "b"
+    assert all(len(v["times_s"]) == 2 * bench_kernel.COLD_CALLS for v in out.values())
+
+
+def test_kernel_last_level_cache_from_sysfs(tmp_path):
+    import bench_kernel
+
+    for i, (level, size) in enumerate([(1, "48K"), (2, "2048K"), (3, "491520K"), (1, "32K")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert bench_kernel.last_level_cache_bytes(torch.device("cpu"), tmp_path) == 491520 * 1024
+    assert bench_kernel.last_level_cache_bytes(torch.device("cpu"), tmp_path / "missing") is None

@@ -118,7 +118,10 @@ def last_level_cache_bytes(device: torch.device, sysfs: Path = Path("/sys/device
         except (OSError, ValueError):
             continue
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        size = int(text[:-1]) * units[text[-1]] if text and text[-1] in units else int(text) if text.isdigit() else 0
+        if text and text[-1] in units and text[:-1].isdigit():
+            size = int(text[:-1]) * units[text[-1]]
+        else:
+            size = int(text) if text.isdigit() else 0
         if size and (best is None or level > best[0]):
             best = (level, size)
     return None if best is None else best[1]
@@ -398,7 +401,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "last_level_cache_bytes": llc, "evict_bytes": evict, "calls_per_repeat": COLD_CALLS,
                 "timing": cold,
                 "gbps": {n: BYTES_FLOOR[n] * total / r["median_s"] / 1e9 for n, r in cold.items()},
-                "ratios": {f"{a}/{b}": C.ratio_stats(cold, a, b) for a, b in RATIOS if a in cold and b in cold},
+                "ratios": {f"{a}/{b}": C.ratio_stats(cold, a, b)
+                           for a, b in RATIOS if a in cold and b in cold},
             }
         if "copy" in entry["gbps"]:
             entry["fraction_of_copy_bandwidth"] = {k: v / entry["gbps"]["copy"] for k, v in entry["gbps"].items()}
@@ -515,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=None, help="comma-separated parameter counts, e.g. 1e6,1e7,1e8")
     p.add_argument("--settle", type=int, default=SETTLE, help="untimed calls before each measurement")
     p.add_argument("--no-compile-cost", action="store_true", help="skip the cold-compile measurement (a subprocess)")
-    p.add_argument("--no-cold", action="store_true", help="skip the cold-cache timing of the acceptance pairs")
+    p.add_argument("--no-cold", action="store_true",
+                   help="skip the cold-cache timing of the acceptance pairs")
     p.add_argument("--compile-child", default=None, help=argparse.SUPPRESS)
     return p
 

@@ -162,7 +162,8 @@ def test_kernel_cold_timing_times_single_calls_interleaved():
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
     out = bench_kernel.cold_timing(fns, torch.device("cpu"), repeats=2, evict_bytes=1 << 12)
     assert calls.count("a") == calls.count("b") == 2 * bench_kernel.COLD_CALLS
-    assert calls[: bench_kernel.COLD_CALLS] == ["a"] * bench_kernel.COLD_CALLS  # rotated: a first, then b first
+    # rotated: a first in the first repeat, b first in the second
+    assert calls[: bench_kernel.COLD_CALLS] == ["a"] * bench_kernel.COLD_CALLS
     assert calls[2 * bench_kernel.COLD_CALLS] == "b"
     assert all(len(v["times_s"]) == 2 * bench_kernel.COLD_CALLS for v in out.values())
 

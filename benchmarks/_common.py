@@ -149,7 +149,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Timer:
+class Timer:
+    """Wall-clock seconds per call of a function on ``device`` (CUDA: events, after a sync)."""
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
@@ -198,7 +200,7 @@ def interleaved_timing(
     in its steady state, not just after another one evicted its data from the caches (which would
     weigh on functions with short inner loops most). Returns per-function summaries with the raw
     per-repeat times."""
-    timer = _Timer(device)
+    timer = Timer(device)
     names = list(fns)
     inner: dict[str, int] = {}
     for name in names:

@@ -33,8 +33,8 @@ cache (CPU: from sysfs; CUDA: the L2), so that every call streams its tensors fr
 above repeats each call back to back on the same tensors, which keeps a working set that fits the
 last-level cache in it between calls: on a CPU with a large L3 (480 MiB on the Xeon of the committed
 runs) torch's step (p, g, buf: 120 MB at 10⁷) stays there while the masked one (280 MB) streams
-more of its bytes from memory. After a forward and backward pass neither would find its state in
-the cache; the cold figures show how much of a ratio is that cache effect. The JSON's acceptance
+more of its bytes from memory. In a training loop a forward and a backward pass stream through the
+cache between two steps; the cold figures show how much of a ratio is that cache effect. The JSON's acceptance
 verdict (``met``) is the back-to-back figure, as every earlier run reported it; the cold ratios sit
 next to it (``acceptance.cold``).
 
@@ -132,7 +132,7 @@ def cold_timing(fns: dict[str, Any], device: torch.device, repeats: int, evict_b
     """Each function timed one call at a time, every call right after writing ``evict_bytes``
     (untimed), the functions interleaved in a rotated order; per function the summary of its
     ``repeats * COLD_CALLS`` single-call times."""
-    timer = C._Timer(device)
+    timer = C.Timer(device)
     evict = torch.empty(max(1, evict_bytes // 4), device=device)
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}

@@ -258,7 +258,7 @@ def _worst_into(
                 torch.maximum(worst, sig, out=worst)
         out = worst if first else scratch
         # −sign·u·μ in one pass (0 − u·μ for the retain side); out=None allocates
-        bad = (torch.addcmul(_zero(u), u, mean, value=-1.0, out=out) if sign > 0
+        bad = (torch.addcmul(zero(u), u, mean, value=-1.0, out=out) if sign > 0
                else torch.mul(u, mean, out=out))
         if first:
             worst, first = bad, False
@@ -271,7 +271,9 @@ def _worst_into(
 _ZEROS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
-def _zero(like: Tensor) -> Tensor:
+def zero(like: Tensor) -> Tensor:
+    """A cached 0-d zero of ``like``'s dtype and device: an operand that costs no allocation (a
+    Python 0 is wrapped into a new tensor on each call)."""
     key = (like.device, like.dtype)
     if key not in _ZEROS:
         _ZEROS[key] = torch.zeros((), device=like.device, dtype=like.dtype)
@@ -294,7 +296,7 @@ def keep(u: Tensor, terms: list[Term], overwrite_m2: bool = False) -> Tensor:
     if worst is None:
         return (u != 0).to(u.dtype)
     # 1.0 where worst < 0, else 0.0, in place: large CPU allocations cost more than passes here
-    m = torch.lt(worst, _zero(worst), out=worst)  # a 0-d tensor: a Python 0 is wrapped each call (2x slower)
+    m = torch.lt(worst, zero(worst), out=worst)  # a 0-d tensor: a Python 0 is wrapped each call (2x slower)
     return m if m.dtype == u.dtype else m.to(u.dtype)
 
 
@@ -309,7 +311,7 @@ def keep_mixed(u: Tensor, strict: list[Term], lenient: list[Term]) -> Tensor:
         if sign < 0:
             side.neg_()
         torch.maximum(side, torch.addcmul(m2, mean, mean, value=-1.0 / coeff), out=side)
-        m.mul_(side.ge_(_zero(side)))  # in place: 1.0 where kept, in u's dtype
+        m.mul_(side.ge_(zero(side)))  # in place: 1.0 where kept, in u's dtype
     return m
 
 
@@ -361,7 +363,7 @@ def _masked_add_terms(param: Tensor, u: Tensor, terms: list[Term], alpha: float)
         p_c, u_c, *rest = (t[a:b] for t in flat)
         chunk_terms = [(rest[2 * j], rest[2 * j + 1], sign, coeff) for j, (_, _, sign, coeff) in enumerate(terms)]
         w = _worst_into(u_c, chunk_terms, worst[: b - a], scratch[: b - a])
-        m = torch.lt(w, _zero(w), out=w)  # type: ignore[arg-type]
+        m = torch.lt(w, zero(w), out=w)  # type: ignore[arg-type]
         p_c.addcmul_(finite(u_c, out=scratch[: b - a]), m, value=alpha)  # scratch is free again
         kept.append(m.sum(dtype=torch.float64))
     return torch.stack(kept).sum()

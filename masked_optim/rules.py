@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import workspace
+from .mask import zero
 
 __all__ = ["Rule", "SparseRows", "register_rule", "rule_for", "sum_sq", "supports"]
 
@@ -164,7 +165,7 @@ def _linear_segments(m: nn.Linear, a: Tensor, d: Tensor, k: int) -> dict[str, tu
     d2 = d3 * d3
     dt = d3.transpose(1, 2)
     shape = (k, dt.shape[1], a3.shape[2])
-    mean = torch.baddbmm(a.new_zeros(()), dt, a3, beta=0, alpha=1.0 / n, out=_ws(shape, a))
+    mean = torch.baddbmm(zero(a), dt, a3, beta=0, alpha=1.0 / n, out=_ws(shape, a))
     out = {"weight": (mean, torch.bmm(d2.transpose(1, 2), a3 * a3, out=_ws(shape, a)))}
     if m.bias is not None:
         out["bias"] = (d3.mean(1), d2.sum(1))

@@ -215,12 +215,12 @@ class ProbablyAlignedOptimizer(Optimizer):
         # one host sync for everything the update will read: a non-finite per-sample gradient makes
         # its batch mean non-finite too; M2 alone can only overflow to +inf ("not significant")
         # (a mean whose layer rule certified it finite from the layer's inputs is not read)
-        means = [] if direction == "stats" else [
+        checked = [] if direction == "stats" else [  # (mean, its certificate or None)
             (m, s.finite[i] if s.finite is not None else None) for s in (stats_f, stats_r) if s is not None
             for i, m in enumerate(s.mean)]
-        read = [m for m, c in means if c is None]
-        certified = [m for m, c in means if c is not None]
-        certificates = [c for _, c in means if c is not None]
+        read = [m for m, c in checked if c is None]
+        certified = [m for m, c in checked if c is not None]
+        certificates = [c for _, c in checked if c is not None]
         if has_grad:
             read += [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         stat_grads: dict[int, Tensor] = {}
@@ -394,9 +394,9 @@ class ProbablyAlignedOptimizer(Optimizer):
         if self.forget_weight != 1 or self.retain_weight != 1:
             return set()
         out: set[int] = set()
+        sides = [s for s in (stats_f, stats_r) if s is not None]
         for _, params, _, fused in work:
             ps = [params[i] for i in fused]
-            sides = [s for s in (stats_f, stats_r) if s is not None]
             if ps and all(s.mean[index[id(p)]].dtype == p.dtype for p in ps for s in sides):
                 out.update(id(p) for p in ps)
         return out
@@ -557,8 +557,9 @@ def all_finite(tensors: list[Tensor], certificates: Sequence[Tensor] = (), certi
     if certificates:  # 0 when every certificate holds, +inf when one does not
         held = torch.stack([c.to(certificates[0].device) for c in certificates]).all()
         sums.append(torch.where(held, 0.0, math.inf))
-    if bounds:
-        sums.append(torch.where(torch.stack([b.to(bounds[0].device) for b in bounds]).all(), 0.0, math.inf))
+    held_bounds = torch.stack([b.to(bounds[0].device) for b in bounds]).all() if bounds else None
+    if held_bounds is not None:
+        sums.append(torch.where(held_bounds, 0.0, math.inf))
     if not sums:
         return True
     try:
@@ -567,7 +568,7 @@ def all_finite(tensors: list[Tensor], certificates: Sequence[Tensor] = (), certi
         total = sum(float(s) for s in sums)
     if math.isfinite(total):
         return True
-    if bounds and not bool(torch.stack([b.to(bounds[0].device) for b in bounds]).all()):
+    if held_bounds is not None and not bool(held_bounds):
         return False
     return all(bool(torch.isfinite(t).all()) for t in [*tensors, *certified])
 

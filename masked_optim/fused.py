@@ -55,7 +55,11 @@ Step length
     second applies ``θ − lr·s·(m⊙u)`` (``RESCALE_PASSES`` below says which variant;
     benchmarks/bench_kernel.py measured both). Factors over a group or over every group
     (``rescale_scope``) take the ``deltas=`` route: the pass writes ``m⊙u`` and the sums, the caller
-    pools them with :func:`scale_from_sums` and applies with :func:`apply_deltas_`.
+    pools them with :func:`scale_from_sums` and applies with :func:`apply_deltas_`. The retain guard
+    moves (and backs off) a tensor's deferred ``m⊙u`` with its own length through :func:`add_scaled_`:
+    one pass reading θ and ``m⊙u`` that rounds ``s·(m⊙u)`` and adds it with a fused multiply-add,
+    the rounding of ``d.mul_(s)`` and ``θ.add_(d, alpha=a)`` (ATen's add with alpha is itself a fused
+    multiply-add where vectorised: the same bits) without their extra pass over ``d``.
 
 When it runs compiled
     ``fused=True``: compiled (an error when :func:`available` is False); ``fused=False``: the same
@@ -88,6 +92,7 @@ __all__ = [
     "Direction",
     "Side",
     "StepSums",
+    "add_scaled_",
     "apply_deltas_",
     "available",
     "masked_adam_",
@@ -109,6 +114,17 @@ CPU_MIN_NUMEL = 1 << 17
 #: buffer with the sums; pass 2 reads it back: 12 B/param more than the unscaled step) or "recompute"
 #: (pass 1 only reads, to get the sums; pass 2 is the whole step again: 28 B/param more, no scratch)
 RESCALE_PASSES = "scratch"
+
+_FMA: Any = None  # inductor's fused multiply-add (torch.ops.prims.fma), imported on first use
+
+
+def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return _FMA(a, b, c)
+
+
+def _compiling() -> bool:
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check()) if check is not None else bool(torch._dynamo.is_compiling())
 
 
 class Side(NamedTuple):
@@ -320,7 +336,17 @@ def _apply_kernel(p: Tensor, d: Tensor, sums: Tensor, sc: Tensor) -> Tensor:
     return s
 
 
-_KERNELS = {"sgd": _sgd_kernel, "adam": _adam_kernel, "apply": _apply_kernel}
+def _move_kernel(p: Tensor, d: Tensor, s: Tensor, a: Tensor) -> None:
+    """``θ ← θ + a·(s·d)`` with the rounding of ``d.mul_(s)`` followed by ``θ.add_(d, alpha=a)``: the
+    product rounded once, then a fused multiply-add (what ATen's add with an alpha computes), so the
+    compiled pass moves ``θ`` exactly as those two eager kernels do, without writing ``s·d``."""
+    if _compiling():
+        p.copy_(_fma(d * s, a, p))
+    else:  # the eager fallback: the two kernels themselves
+        p.add_(d * s, alpha=a.item())
+
+
+_KERNELS = {"sgd": _sgd_kernel, "adam": _adam_kernel, "apply": _apply_kernel, "move": _move_kernel}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,12 +460,15 @@ def _no_duck_shapes() -> Any:
 _SEEN: set[tuple] = set()  # chunk structures compiled (and run) once
 
 
-def _call_chunk(name: str, compiled: bool, chunk: list[tuple], kwargs: dict[str, Any]) -> list[Tensor]:
+def _call_chunk(name: str, compiled: bool, chunk: list[tuple], kwargs: dict[str, Any],
+                broken: str | None = None) -> list[Tensor]:
     """``name``'s kernel on each argument tuple of ``chunk`` (all of one structure): one compiled call,
-    or eagerly, tensor by tensor."""
+    or eagerly, tensor by tensor. A compilation failure is recorded under ``broken`` (default: the
+    device type, which turns every fused kernel off there)."""
     if compiled:
         dt = chunk[0][0].device.type
-        if dt not in _BROKEN:
+        broken = broken or dt
+        if dt not in _BROKEN and broken not in _BROKEN:
             cols = tuple(None if chunk[0][j] is None else [args[j] for args in chunk] for j in range(len(chunk[0])))
             key = (name, len(chunk), *_key(name, chunk[0], kwargs)[1:])
             try:
@@ -452,9 +481,9 @@ def _call_chunk(name: str, compiled: bool, chunk: list[tuple], kwargs: dict[str,
             except Exception as err:  # noqa: BLE001 - a backend failure: run eagerly from now on
                 if not _is_compile_error(err):
                     raise
-                _BROKEN[dt] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                warnings.warn(f"masked_optim.fused: compiling the fused kernel failed on {dt} "
-                              f"({_BROKEN[dt]}); running it eagerly from now on", RuntimeWarning, stacklevel=3)
+                _BROKEN[broken] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                warnings.warn(f"masked_optim.fused: compiling the fused kernel {name!r} failed on {dt} "
+                              f"({_BROKEN[broken]}); running it eagerly from now on", RuntimeWarning, stacklevel=3)
     return [_KERNELS[name](*args, **kwargs) for args in chunk]
 
 
@@ -734,6 +763,52 @@ def masked_adam_(
                          deltas[i] if deltas is not None else None, masks[i] if masks is not None else None,
                          compiled[i]))
     return _run_all("adam", jobs, soft, rescale)
+
+
+def _movable(p: Tensor, d: Tensor, s: Tensor) -> bool:
+    """Whether ``θ ← θ + a·(s·d)`` can take the compiled move: float32/float64 tensors of one dtype
+    and layout (flat views), where the fused kernels run and inductor has a fused multiply-add."""
+    global _FMA
+    if not (p.dtype == d.dtype == s.dtype and p.dtype in (torch.float32, torch.float64)
+            and p.is_contiguous() and d.is_contiguous() and s.dim() == 0 and s.device == p.device == d.device):
+        return False
+    key = p.device.type + ":move"
+    if key in _BROKEN or not available(p.device):
+        return False
+    if _FMA is None:
+        try:
+            from torch._inductor import inductor_prims
+            _FMA = inductor_prims.fma
+        except (ImportError, AttributeError):  # pragma: no cover - a torch without it: eager moves
+            _BROKEN[key] = "torch._inductor.inductor_prims.fma is missing"
+            return False
+    return True
+
+
+@torch.no_grad()
+def add_scaled_(params: Sequence[Tensor], deltas: Sequence[Tensor], scales: Sequence[Tensor],
+                alphas: Sequence[float]) -> None:
+    """``θ ← θ + a·(s·d)`` per tensor (``s``: a 0-dim tensor of ``d``'s dtype), with the rounding of
+    ``d.mul_(s)`` then ``θ.add_(d, alpha=a)`` and ``d`` left as it is: the retain guard's moves of
+    deferred fused steps, which it applies and backs off several times. Compiled in chunks where
+    :func:`_movable` (12 B/param against the eager 20 B and a kernel less); eager otherwise."""
+    _check_lists("add_scaled_", params, deltas=deltas, scales=scales, alphas=alphas)
+    chunk: list[tuple] = []
+    for p, d, s, a in zip(params, deltas, scales, alphas):
+        if not _movable(p, d, s):
+            p.add_(d * s.to(d.dtype), alpha=a)
+            continue
+        # a tensor each, never one shared by two moves: dynamo guards on which inputs alias, so
+        # another pattern of equal learning rates would compile another graph
+        chunk.append((p.view(-1), d.view(-1), s, torch.tensor(a, dtype=p.dtype, device=p.device)))
+    structure = [(args[0].device, args[0].dtype) for args in chunk]
+    start = 0
+    while start < len(chunk):  # runs of one device and dtype, at most GROUP_SIZE long
+        end = start + 1
+        while end < len(chunk) and end - start < GROUP_SIZE and structure[end] == structure[start]:
+            end += 1
+        _call_chunk("move", True, chunk[start:end], {}, broken=chunk[start][0].device.type + ":move")
+        start = end
 
 
 def scale_from_sums(how: str, sums: Sequence[StepSums], numels: Sequence[int], max_scale: float) -> Tensor:

@@ -628,6 +628,85 @@ def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch):
         F.masked_sgd_(params, grads, [], fs, rs, lr=0.1, fused=None)  # eager now, silently
 
 
+def _fma_reference(p, d, s, a):
+    """``fl(fl(s·d)·a + θ)`` rounded once: the product ``s·d`` is rounded to the dtype, its product with
+    ``a`` is exact in float64 and the sum is rounded there and then to float32 (a double rounding that
+    differs from one rounding only at float32 ties the sum lands on, not met by these inputs)."""
+    prod = d * s
+    a32 = torch.tensor(a, dtype=d.dtype)
+    return (prod.double() * a32.double() + p.double()).to(p.dtype)
+
+
+@needs_compiler
+def test_add_scaled_is_the_rounded_product_then_one_fused_multiply_add():
+    gen = torch.Generator().manual_seed(16)
+    sizes = [3000, 1000, 257, 5]
+    params, deltas = randn(sizes, gen), randn(sizes, gen)
+    scales = [1 + torch.rand((), generator=gen) for _ in sizes]
+    alphas = [-0.3, -0.3, 0.7, 1.3]  # a·s·d of the order of θ, a no power of 2: a·(s·d) rounds
+    want = [_fma_reference(p, d, s, a) for p, d, s, a in zip(params, deltas, scales, alphas)]
+    eager = [p.clone().add_(d * s, alpha=a) for p, d, s, a in zip(params, deltas, scales, alphas)]
+    before_d = [d.clone() for d in deltas]
+    got = [p.clone() for p in params]
+    F.add_scaled_(got, deltas, scales, list(alphas))
+    assert all(torch.equal(d, b) for d, b in zip(deltas, before_d))  # d is read, never written
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)  # one rounding after the product: a plain multiply-add would differ
+    plain = [(p + a * (d * s)) for p, d, s, a in zip(params, deltas, scales, alphas)]
+    differ = sum(int((g != q).sum()) for g, q in zip(got, plain))
+    assert differ > 0.05 * sum(sizes)  # the inputs tell the two apart
+    for g, e, p, d, s, a in zip(got, eager, params, deltas, scales, alphas):
+        # the two eager kernels (d·s, then add with alpha): ATen's add is a fused multiply-add where
+        # vectorised, so equal here; one rounding of the sum apart on a build where it is not
+        tol = torch.finfo(p.dtype).eps * (p.abs() + (a * s * d).abs())
+        assert bool(((g - e).abs() <= tol).all())
+    # a new learning rate or scale is a new value, not a new graph
+    before = graphs()
+    F.add_scaled_(got, deltas, [s * 0.5 for s in scales], [0.3, 0.2, -0.2, -0.1])
+    assert graphs() == before
+
+
+def test_add_scaled_runs_eagerly_where_it_cannot_compile():
+    gen = torch.Generator().manual_seed(17)
+    p16 = torch.randn(300, generator=gen).to(torch.bfloat16)
+    d16 = (torch.randn(300, generator=gen) * 1e-2).to(torch.bfloat16)
+    pt = torch.randn(40, 30, generator=gen).t()  # not contiguous
+    dt = torch.randn(40, 30, generator=gen).t()
+    s16, s32 = torch.tensor(1.5, dtype=torch.bfloat16), torch.tensor(1.25)
+    want = [p16.clone().add_(d16 * s16, alpha=-0.1), pt.clone().add_(dt * s32, alpha=0.2)]
+    got = [p16.clone(), pt.clone()]
+    F.add_scaled_(got, [d16, dt], [s16, s32], [-0.1, 0.2])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))  # the same two eager kernels
+    with pytest.raises(ValueError, match="scales has 1 entries"):
+        F.add_scaled_(got, [d16, dt], [s16], [-0.1, 0.2])
+
+
+def test_a_failed_move_compilation_leaves_the_other_kernels_on(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    compiled = F._compiled
+
+    def move_broken(key):
+        if key[0] != "move":
+            return compiled(key)
+
+        def fn(*args, **kwargs):
+            raise BackendCompilerFailed(lambda *a: None, RuntimeError("no fma"), None)
+        return fn
+
+    monkeypatch.setattr(F, "_compiled", move_broken)
+    monkeypatch.setattr(F, "_BROKEN", {})
+    monkeypatch.setattr(F, "_static_available", lambda dt: None)
+    gen = torch.Generator().manual_seed(18)
+    params, deltas = randn([400, 50], gen), randn([400, 50], gen, scale=1e-2)
+    scales = [torch.tensor(2.0), torch.tensor(0.5)]
+    want = [p.clone().add_(d * s, alpha=-0.1) for p, d, s in zip(params, deltas, scales)]
+    with pytest.warns(RuntimeWarning, match="'move' failed"):
+        F.add_scaled_(params, deltas, scales, [-0.1, -0.1])
+    assert all(torch.equal(p, w) for p, w in zip(params, want))  # the eager kernels instead
+    assert F.available("cpu") and "cpu:move" in F._BROKEN  # the step's own kernels stay compiled
+
+
 def test_validation():
     gen = torch.Generator().manual_seed(15)
     fs, rs = sides(0.95, 0.05, gen)

@@ -27,7 +27,7 @@ from ..workspace import Workspace, lend, lending
 from .certification import certify_step, restore_state, snapshot_state
 from .diagnostics import RawDiagnostics, StepDiagnostics
 from .fusing import fused_positions, fused_step
-from .masking import (GroupTests, Side, Update, apply_updates, guarded_apply, kept_counts, masks_of, moves_of,
+from .masking import (GroupTests, Move, Side, Update, apply_updates, guarded_apply, kept_counts, masks_of, moves_of,
                       step_scales)
 from .options import MASK_KEYS, MaskOptions, make_engine, validate_group
 
@@ -243,7 +243,7 @@ class ProbablyAlignedOptimizer(Optimizer):
         if certify and self.certify_policy == "skip":
             snapshot = snapshot_state(self.state, [p for _, params, _, _ in work for p in params])
         updates: list[Update] = []
-        fused_moves: list[tuple[Tensor, Tensor, float]] = []  # deferred fused steps: (param, s·m⊙u, lr)
+        fused_moves: list[Move] = []  # deferred fused steps: (param, m⊙u, lr, s)
         fused_kept: dict[int, list[Tensor]] = {}
         for group, params, tests, fused in work:
             grads = [p.grad if has_grad else stat_grads.get(id(p)) for p in params]  # None: formed inside

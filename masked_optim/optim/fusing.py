@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import fused as fused_kernels
 from .. import workspace
-from .masking import GroupTests, subset
+from .masking import GroupTests, Move, subset
 
 __all__ = ["fused_positions", "fused_step"]
 
@@ -28,11 +28,11 @@ def fused_positions(group: dict[str, Any], params: list[Tensor], tests: GroupTes
 
 def fused_step(update: Callable[..., list[Any]], group: dict[str, Any], params: list[Tensor],
                grads: list[Tensor | None], tests: GroupTests, idx: list[int], defer: bool,
-               moves: list[tuple[Tensor, Tensor, float]],
+               moves: list[Move],
                means: tuple[list[Tensor] | None, list[Tensor] | None] | None = None) -> list[Tensor]:
     """The fused masked step of ``params[idx]`` by ``update`` (the optimizer's ``_fused_update``):
     applied now, or (``defer``: the retain guard) the state advanced and the moves ``(param, s·m⊙u,
-    lr)`` appended to ``moves``, for the guard to apply and back off. ``means``: the forget and retain
+    lr, s)`` appended to ``moves``, for the guard to apply and back off. ``means``: the forget and retain
     means of ``params[idx]``, whose difference the pass forms as the direction (``grads`` unused).
     Returns the kept counts."""
     ps = [params[i] for i in idx]
@@ -45,9 +45,9 @@ def fused_step(update: Callable[..., list[Any]], group: dict[str, Any], params: 
                   **extra)
     if deltas is not None:
         for p, d, ss in zip(ps, deltas, sums):
-            # the tensor's own length, from the pass's sums, as a pass of its own: scaling inside the
-            # move (addcmul) rounds differently — it changed a recorded defaults-study run (MNIST-1D)
-            if how is not None:
-                d.mul_(fused_kernels.scale_from_sums(how, [ss], [p.numel()], cap).to(d.dtype))
-            moves.append((p, d, group["lr"]))
+            # the tensor's own length, from the pass's sums, rounded into s·d before the move as
+            # d.mul_(s) would (the guard's compiled move keeps that rounding without the pass):
+            # scaling inside the move (addcmul) changed a recorded defaults-study run (MNIST-1D)
+            s = None if how is None else fused_kernels.scale_from_sums(how, [ss], [p.numel()], cap).to(d.dtype)
+            moves.append((p, d, group["lr"], s))
     return [ss.kept for ss in sums]

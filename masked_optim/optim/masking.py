@@ -17,12 +17,14 @@ from torch import Tensor
 
 from ..mask import (Constraint, Term, coeff, feasibility_mask, feasibility_masks, finite, keep, keep_mixed,
                     step_scale, step_scale_each)
+from ..fused import add_scaled_
 from .diagnostics import counts
 
 __all__ = ["GUARD_HALVINGS", "GroupTests", "Side", "Update", "apply_updates", "guarded_apply", "kept_counts",
            "masks_of", "moves_of", "step_scales", "subset"]
 
 Rescale = tuple[str, str, float]  # (how, scope, max_scale) of the step-length option
+Move = tuple[Tensor, Tensor, float, "Tensor | None"]  # (θ, d, lr, s): the guard moves θ by −lr·s·d
 GUARD_HALVINGS = 4  # retain_guard: 1, 1/2, …, 1/16 of the step, then none
 
 
@@ -166,27 +168,35 @@ def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], scales: Seque
             up.param.addcmul_(finite(up.u), m if s is None else m * s.to(m.device), value=-up.lr)
 
 
-def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None]
-             ) -> list[tuple[Tensor, Tensor, float]]:
-    """``(param, s·m⊙u, lr)`` of every update: what :func:`guarded_apply` moves."""
-    return [(up.param, finite(up.u) * (m if s is None else m * s.to(m.device)), up.lr)
+def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None]) -> list[Move]:
+    """``(param, s·m⊙u, lr, None)`` of every update: what :func:`guarded_apply` moves."""
+    return [(up.param, finite(up.u) * (m if s is None else m * s.to(m.device)), up.lr, None)
             for up, m, s in zip(updates, ms, scales)]
 
 
-def guarded_apply(moves: Sequence[tuple[Tensor, Tensor, float]], loss_after: Callable[[], float], limit: float
-                  ) -> float:
-    """Apply ``θ ← θ − lr·d`` for every move, then back it off while ``loss_after()`` (the retain
-    batch's mean loss at the moved parameters) exceeds ``limit``: halved up to
-    :data:`GUARD_HALVINGS` times, then undone. Returns the share of the step that stays; the
-    optimizer state is the base optimizer's either way."""
-    for p, d, lr in moves:
-        p.add_(d, alpha=-lr)
+def _move(moves: Sequence[Move], factor: float) -> None:
+    """``θ ← θ + factor·lr·(s·d)`` for every move; ``s·d`` is rounded as ``d.mul_(s)`` would round it."""
+    scaled = []
+    for p, d, lr, s in moves:
+        if s is None:
+            p.add_(d, alpha=lr * factor)
+        else:
+            scaled.append((p, d, s, lr * factor))
+    if scaled:
+        add_scaled_(*map(list, zip(*scaled)))
+
+
+def guarded_apply(moves: Sequence[Move], loss_after: Callable[[], float], limit: float) -> float:
+    """Apply ``θ ← θ − lr·s·d`` for every move ``(θ, d, lr, s)`` (``s``: ``None`` for 1), then back it
+    off while ``loss_after()`` (the retain batch's mean loss at the moved parameters) exceeds
+    ``limit``: halved up to :data:`GUARD_HALVINGS` times, then undone. Returns the share of the step
+    that stays; the optimizer state is the base optimizer's either way."""
+    _move(moves, -1.0)
     fraction = 1.0
     for k in range(GUARD_HALVINGS + 1):
         if loss_after() <= limit:
             return fraction
         new = 0.5 * fraction if k < GUARD_HALVINGS else 0.0
-        for p, d, lr in moves:
-            p.add_(d, alpha=lr * (fraction - new))
+        _move(moves, fraction - new)
         fraction = new
     return fraction

@@ -798,9 +798,15 @@ def add_scaled_(params: Sequence[Tensor], deltas: Sequence[Tensor], scales: Sequ
         if not _movable(p, d, s):
             p.add_(d * s.to(d.dtype), alpha=a)
             continue
-        # a tensor each, never one shared by two moves: dynamo guards on which inputs alias, so
-        # another pattern of equal learning rates would compile another graph
-        chunk.append((p.view(-1), d.view(-1), s, torch.tensor(a, dtype=p.dtype, device=p.device)))
+        chunk.append((p.view(-1), d.view(-1), s, a))
+    # every a as a 0-dim view of one tensor per device and dtype (one host-to-device copy), never
+    # one object for two moves: dynamo guards on repeated inputs, so another pattern of equal
+    # learning rates would compile another graph
+    values: dict[tuple, list[float]] = {}
+    for args in chunk:
+        values.setdefault((args[0].device, args[0].dtype), []).append(args[3])
+    views = {key: iter(torch.tensor(vals, dtype=key[1]).to(key[0]).unbind()) for key, vals in values.items()}
+    chunk = [(*args[:3], next(views[(args[0].device, args[0].dtype)])) for args in chunk]
     structure = [(args[0].device, args[0].dtype) for args in chunk]
     start = 0
     while start < len(chunk):  # runs of one device and dtype, at most GROUP_SIZE long

@@ -559,9 +559,9 @@ def test_an_input_error_on_one_rank_stops_every_rank(tmp_path):
 
     import torch.multiprocessing as mp
 
-    forkable = "fork" in mp.get_all_start_methods() and not torch.accelerator.is_available()
-    ctx = mp.start_processes(_agree_worker, args=(str(tmp_path),), nprocs=2, join=False,
-                             start_method="fork" if forkable else "spawn")
+    # spawn, not fork: after some earlier tests of the same process (tests/test_fused.py first, say)
+    # a forked child's backward fails with autograd's "Autograd-and-Fork" error; spawning costs seconds
+    ctx = mp.start_processes(_agree_worker, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:

@@ -31,7 +31,7 @@ def fused_step(update: Callable[..., list[Any]], group: dict[str, Any], params: 
                moves: list[Move],
                means: tuple[list[Tensor] | None, list[Tensor] | None] | None = None) -> list[Tensor]:
     """The fused masked step of ``params[idx]`` by ``update`` (the optimizer's ``_fused_update``):
-    applied now, or (``defer``: the retain guard) the state advanced and the moves ``(param, s·m⊙u,
+    applied now, or (``defer``: the retain guard) the state advanced and the moves ``(param, m⊙u,
     lr, s)`` appended to ``moves``, for the guard to apply and back off. ``means``: the forget and retain
     means of ``params[idx]``, whose difference the pass forms as the direction (``grads`` unused).
     Returns the kept counts."""

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..fused import add_scaled_
 from ..mask import (Constraint, Term, coeff, feasibility_mask, feasibility_masks, finite, keep, keep_mixed,
                     step_scale, step_scale_each)
-from ..fused import add_scaled_
 from .diagnostics import counts
 
-__all__ = ["GUARD_HALVINGS", "GroupTests", "Side", "Update", "apply_updates", "guarded_apply", "kept_counts",
-           "masks_of", "moves_of", "step_scales", "subset"]
+__all__ = ["GUARD_HALVINGS", "GroupTests", "Move", "Side", "Update", "apply_updates", "guarded_apply",
+           "kept_counts", "masks_of", "moves_of", "step_scales", "subset"]
 
 Rescale = tuple[str, str, float]  # (how, scope, max_scale) of the step-length option
 Move = tuple[Tensor, Tensor, float, "Tensor | None"]  # (θ, d, lr, s): the guard moves θ by −lr·s·d

@@ -531,7 +531,7 @@ def _job(p: Tensor, tensors: tuple, sc: Tensor, delta: Tensor | None, mask_out: 
     return _Job(p, tensors, sc, delta, mask_out, False)  # a non-contiguous layout runs eagerly, as it is
 
 
-def _chunks(jobs: list[_Job], key: Any) -> list[list[int]]:
+def _chunks(jobs: Sequence[Any], key: Any) -> list[list[int]]:
     """Indices of ``jobs`` in runs of one structure (``key(job)``), at most GROUP_SIZE long."""
     out: list[list[int]] = []
     last = None
@@ -793,28 +793,19 @@ def add_scaled_(params: Sequence[Tensor], deltas: Sequence[Tensor], scales: Sequ
     deferred fused steps, which it applies and backs off several times. Compiled in chunks where
     :func:`_movable` (12 B/param against the eager 20 B and a kernel less); eager otherwise."""
     _check_lists("add_scaled_", params, deltas=deltas, scales=scales, alphas=alphas)
-    chunk: list[tuple] = []
+    moves: list[tuple] = []
     for p, d, s, a in zip(params, deltas, scales, alphas):
         if not _movable(p, d, s):
             p.add_(d * s.to(d.dtype), alpha=a)
             continue
-        chunk.append((p.view(-1), d.view(-1), s, a))
-    # every a as a 0-dim view of one tensor per device and dtype (one host-to-device copy), never
-    # one object for two moves: dynamo guards on repeated inputs, so another pattern of equal
-    # learning rates would compile another graph
-    values: dict[tuple, list[float]] = {}
-    for args in chunk:
-        values.setdefault((args[0].device, args[0].dtype), []).append(args[3])
-    views = {key: iter(torch.tensor(vals, dtype=key[1]).to(key[0]).unbind()) for key, vals in values.items()}
-    chunk = [(*args[:3], next(views[(args[0].device, args[0].dtype)])) for args in chunk]
-    structure = [(args[0].device, args[0].dtype) for args in chunk]
-    start = 0
-    while start < len(chunk):  # runs of one device and dtype, at most GROUP_SIZE long
-        end = start + 1
-        while end < len(chunk) and end - start < GROUP_SIZE and structure[end] == structure[start]:
-            end += 1
-        _call_chunk("move", True, chunk[start:end], {}, broken=chunk[start][0].device.type + ":move")
-        start = end
+        moves.append((p.view(-1), d.view(-1), s, a))
+    for idx in _chunks(moves, lambda mv: (mv[0].device, mv[0].dtype)):
+        p0 = moves[idx[0]][0]
+        # each a a 0-dim view of one tensor (one host-to-device copy), never one object for two moves:
+        # dynamo guards on repeated inputs, so another pattern of equal learning rates would recompile
+        coeffs = torch.tensor([moves[i][3] for i in idx], dtype=p0.dtype).to(p0.device).unbind()
+        _call_chunk("move", True, [(*moves[i][:3], c) for i, c in zip(idx, coeffs)], {},
+                    broken=p0.device.type + ":move")
 
 
 def scale_from_sums(how: str, sums: Sequence[StepSums], numels: Sequence[int], max_scale: float) -> Tensor:

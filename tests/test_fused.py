@@ -666,6 +666,27 @@ def test_add_scaled_is_the_rounded_product_then_one_fused_multiply_add():
     assert graphs() == before
 
 
+@needs_compiler
+def test_add_scaled_more_moves_than_a_chunk_and_mixed_dtypes():
+    gen = torch.Generator().manual_seed(19)
+    dtypes = [torch.float32] * 9 + [torch.float64, torch.float32]  # chunks of 8, 1, then 1 and 1
+    params = [torch.randn(50 + k, generator=gen).to(dt) for k, dt in enumerate(dtypes)]
+    deltas = [torch.randn(50 + k, generator=gen).to(dt) for k, dt in enumerate(dtypes)]
+    scales = [(1 + torch.rand((), generator=gen)).to(dt) for dt in dtypes]
+    alphas = [-0.3 - 0.01 * k for k in range(len(dtypes))]
+    # float32: the float64 reference is exact; float64: the eager kernels, within one rounding of the sum
+    want = [_fma_reference(p, d, s, a) if p.dtype == torch.float32 else p.clone().add_(d * s, alpha=a)
+            for p, d, s, a in zip(params, deltas, scales, alphas)]
+    tols = [torch.finfo(p.dtype).eps * (p.abs() + (a * s * d).abs())
+            for p, d, s, a in zip(params, deltas, scales, alphas)]
+    F.add_scaled_(params, deltas, scales, alphas)
+    for k, (p, w, tol) in enumerate(zip(params, want, tols)):
+        if p.dtype == torch.float32:
+            assert torch.equal(p, w), k
+        else:
+            assert bool(((p - w).abs() <= tol).all()), k
+
+
 def test_add_scaled_runs_eagerly_where_it_cannot_compile():
     gen = torch.Generator().manual_seed(17)
     p16 = torch.randn(300, generator=gen).to(torch.bfloat16)

@@ -252,7 +252,8 @@ class ProbablyAlignedOptimizer(Optimizer):
                     if id(params[fused[0]]) in inside else None
                 fused_kept[id(tests)] = fused_step(self._fused_update, group, params, grads, tests, fused, guard,
                                                    fused_moves, means)
-                rest = [i for i in range(len(params)) if i not in set(fused)]
+                taken = set(fused)
+                rest = [i for i in range(len(params)) if i not in taken]
                 params, grads = [params[i] for i in rest], [grads[i] for i in rest]
             else:
                 rest = list(range(len(params)))

@@ -555,12 +555,10 @@ def all_finite(tensors: list[Tensor], certificates: Sequence[Tensor] = (), certi
     # CPU than an L1 norm. Only finite values summing past the float range (~3e38) can fail it
     # without a non-finite entry, so a failure is confirmed exactly.
     sums = [t.sum(dtype=acc_dtype(t.dtype)) for t in tensors]
-    if certificates:  # 0 when every certificate holds, +inf when one does not
-        held = torch.stack([c.to(certificates[0].device) for c in certificates]).all()
-        sums.append(torch.where(held, 0.0, math.inf))
-    held_bounds = torch.stack([b.to(bounds[0].device) for b in bounds]).all() if bounds else None
-    if held_bounds is not None:
-        sums.append(torch.where(held_bounds, 0.0, math.inf))
+    # per list of flags: 0 when every flag holds, +inf when one does not
+    held_certificates, held_bounds = (torch.stack([f.to(flags[0].device) for f in flags]).all() if flags else None
+                                      for flags in (certificates, bounds))
+    sums += [torch.where(held, 0.0, math.inf) for held in (held_certificates, held_bounds) if held is not None]
     if not sums:
         return True
     try:

@@ -16,6 +16,12 @@ side by side (interleaved repeats, after warm-up, medians), on P parameters spli
   sgd_fused_norm_recompute   rescale="norm" the other way: pass 1 only reads (sums), pass 2 is the
                        whole step again (the design alternative; fused.RESCALE_PASSES picks the faster)
   adam_*               the same for Adam (torch.optim.Adam, adam_updates, fused.masked_adam_)
+  sgd_traffic, adam_traffic   the byte floor as this device runs it: a compiled pass (chunks of
+                       fused.GROUP_SIZE tensors, as the fused steps) that reads and writes exactly the
+                       tensors of sgd_fused / adam_fused (36 / 44 B/param) with the least arithmetic that
+                       still uses every input (:func:`traffic_sgd_`, :func:`traffic_adam_`): fused /
+                       traffic is what the step's arithmetic, mask and kept count cost on top of its
+                       bytes, traffic / torch fused what those bytes cost against torch's
 
 Achieved bandwidth = the bytes the operation must move at least (each input read once, each output
 written once, float32) / time; "min bytes" per parameter (BYTES_FLOOR): copy 8, mask 24 (u and 4
@@ -69,7 +75,8 @@ BYTES_FLOOR = {"copy": 8, "mask": 24,
                "sgd_torch": 20, "sgd_torch_fused": 20, "sgd_masked": 36, "sgd_masked_norm": 36, "sgd_fused": 36,
                "sgd_fused_stats": 32, "sgd_fused_norm": 36, "sgd_fused_norm_recompute": 36,
                "adam_torch": 28, "adam_torch_fused": 28, "adam_masked": 44, "adam_masked_norm": 44, "adam_fused": 44,
-               "adam_fused_stats": 40, "adam_fused_norm": 44, "adam_fused_norm_recompute": 44}
+               "adam_fused_stats": 40, "adam_fused_norm": 44, "adam_fused_norm_recompute": 44,
+               "sgd_traffic": 36, "adam_traffic": 44}
 BYTES_MOVED = {**BYTES_FLOOR, "sgd_fused_norm": 36 + 12, "sgd_fused_norm_recompute": 36 + 28,
                "adam_fused_norm": 44 + 12, "adam_fused_norm_recompute": 44 + 32}
 # kept for readers of older JSON: the names of this benchmark before issue 15
@@ -91,12 +98,13 @@ DEFAULT_SIZES_CUDA = (1e6, 1e7, 1e8)
 RATIOS = [(f"{k}_{a}", f"{k}_{b}") for k in ("sgd", "adam") for a, b in (
     ("fused", "torch_fused"), ("fused", "torch"), ("fused", "masked"), ("fused_stats", "torch_fused"),
     ("fused_norm", "torch_fused"), ("fused_norm", "masked_norm"), ("fused_norm_recompute", "fused_norm"),
-    ("masked", "torch_fused"), ("masked", "torch"))] + [("mask", "adam_torch")]
+    ("masked", "torch_fused"), ("masked", "torch"), ("fused", "traffic"), ("traffic", "torch_fused"))] + [
+    ("mask", "adam_torch")]
 
 
 #: the variants timed from cold caches as well (see the module docstring)
-COLD_VARIANTS = ("copy", "sgd_torch_fused", "sgd_fused", "sgd_fused_stats", "adam_torch_fused", "adam_fused",
-                 "adam_fused_stats")
+COLD_VARIANTS = ("copy", "sgd_torch_fused", "sgd_fused", "sgd_fused_stats", "sgd_traffic", "adam_torch_fused",
+                 "adam_fused", "adam_fused_stats", "adam_traffic")
 #: single calls per variant and repeat in the cold timing (each after its own eviction)
 COLD_CALLS = 3
 #: the eviction buffer when the last-level cache size is unknown
@@ -147,6 +155,28 @@ def cold_timing(fns: dict[str, Any], device: torch.device, repeats: int, evict_b
     return {n: {**C.summarise(times[n]), "times_s": times[n]} for n in names}
 
 
+def traffic_sgd_(ps: list, gs: list, bufs: list, mfs: list, sfs: list, mrs: list, srs: list,
+                 c: torch.Tensor) -> None:
+    """The masked SGD step's memory traffic (read θ, g, buf and four statistics; write θ and buf)
+    with one multiply-add per input: ``buf ← c₀·buf + g``, ``θ ← θ − c₁·(buf + μ_f + S_f + μ_r + S_r)``.
+    Every input reaches an output, so no load can be dropped (tests/test_benchmarks.py checks)."""
+    for p, g, b, mf, sf, mr, sr in zip(ps, gs, bufs, mfs, sfs, mrs, srs):
+        nb = b * c[0] + g
+        p.copy_(p - c[1] * (nb + mf + sf + mr + sr))
+        b.copy_(nb)
+
+
+def traffic_adam_(ps: list, gs: list, ms: list, vs: list, mfs: list, sfs: list, mrs: list, srs: list,
+                  c: torch.Tensor) -> None:
+    """The masked Adam step's memory traffic (read θ, g, m, v and four statistics; write θ, m, v):
+    ``m ← c₀·m + g``, ``v ← c₂·v + μ_f``, ``θ ← θ − c₁·(m + v + S_f + μ_r + S_r)``."""
+    for p, g, m, v, mf, sf, mr, sr in zip(ps, gs, ms, vs, mfs, sfs, mrs, srs):
+        nm, nv = m * c[0] + g, v * c[2] + mf
+        p.copy_(p - c[1] * (nm + nv + sf + mr + sr))
+        m.copy_(nm)
+        v.copy_(nv)
+
+
 def nominal_bandwidth(name: str) -> float | None:
     for key, gbps in NOMINAL_GBPS.items():
         if key.lower() in name.lower():
@@ -187,6 +217,7 @@ def build(total: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
         "exp_avgs": zeros(), "exp_avg_sqs": zeros(), "fused_exp_avgs": zeros(), "fused_exp_avg_sqs": zeros(),
         "steps": [torch.tensor(0.0) for _ in sizes], "fused_steps": [torch.tensor(0.0) for _ in sizes],
         "copy_dst": [torch.empty(n, device=device) for n in sizes],
+        "traffic_bufs": [randn(n) for n in sizes], "traffic_ms": zeros(), "traffic_vs": zeros(),
     }
 
 
@@ -266,6 +297,20 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
                 F.RESCALE_PASSES = "scratch"
         return fn
 
+    def traffic(fn: Any, *lists: list) -> Any:
+        # compiled as the fused steps are (symbolic sizes, one call per chunk of GROUP_SIZE tensors)
+        compiled = torch.compile(fn, dynamic=True)
+        stats = [[c.mean for c in t["forget"]], [c.m2 for c in t["forget"]],
+                 [c.mean for c in t["retain"]], [c.m2 for c in t["retain"]]]
+        c = torch.tensor([0.9, LR, 0.999], device=device)
+        cols = [params, grads, *lists, *stats]
+
+        @torch.no_grad()
+        def step() -> None:
+            for i in range(0, len(params), F.GROUP_SIZE):
+                compiled(*[col[i:i + F.GROUP_SIZE] for col in cols], c)
+        return step
+
     norm = ("norm", "tensor", 100.0)
     fns = {
         "copy": copy, "mask": mask_only,
@@ -278,9 +323,12 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
         "adam_masked_norm": adam_masked(norm), "adam_fused": adam_fused_step(),
         "adam_fused_stats": adam_fused_step(direction), "adam_fused_norm": adam_fused_step(rescale="norm"),
         "adam_fused_norm_recompute": adam_fused_step(rescale="norm", passes="recompute"),
+        "sgd_traffic": traffic(traffic_sgd_, t["traffic_bufs"]),
+        "adam_traffic": traffic(traffic_adam_, t["traffic_ms"], t["traffic_vs"]),
     }
     if quick:  # the code check compiles as few graphs as it can
-        for name in ("sgd_fused_norm_recompute", "adam_fused_norm_recompute", "adam_fused_stats", "adam_fused_norm"):
+        for name in ("sgd_fused_norm_recompute", "adam_fused_norm_recompute", "adam_fused_stats", "adam_fused_norm",
+                     "adam_traffic"):
             del fns[name]
     return fns
 
@@ -370,7 +418,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         errors = {}
         first_call = {}
         for name in list(fns):
-            if "_fused" in name and "torch" not in name and not fused_available:
+            if ("_fused" in name or "_traffic" in name) and "torch" not in name and not fused_available:
                 errors[name] = f"fused kernels unavailable: {F.why_unavailable(device)}"
                 del fns[name]
                 continue
@@ -491,6 +539,15 @@ def table(payload: dict[str, Any]) -> str:
                 "adam_fused_stats/adam_torch_fused") if k in cr)
             notes.append(f"- P={float(total):.0e}, cold caches (each call after writing "
                          f"{cold['evict_bytes'] / 2**20:.0f} MiB): {got}")
+    for total, e in payload["sizes"].items():
+        r, cr = e["ratios"], e.get("cold", {}).get("ratios", {})
+        for fam, label in fams:
+            a, b = f"{fam}_fused/{fam}_traffic", f"{fam}_traffic/{fam}_torch_fused"
+            if a in r and b in r:
+                cold = (f" (cold: {cr[a]['median']:.2f}×, {cr[b]['median']:.2f}×)" if a in cr and b in cr
+                        else "")
+                notes.append(f"- P={float(total):.0e} {label}: fused / the same bytes with no arithmetic "
+                             f"{r[a]['median']:.2f}×, those bytes / torch fused {r[b]['median']:.2f}×{cold}")
     for total, e in payload["sizes"].items():
         r = e["ratios"]
         for fam in ("sgd", "adam"):

@@ -203,3 +203,33 @@ def test_kernel_last_level_cache_from_sysfs(tmp_path):
         (d / "size").write_text(f"{size}\n")
     assert bench_kernel.last_level_cache_bytes(torch.device("cpu"), tmp_path) == 491520 * 1024
     assert bench_kernel.last_level_cache_bytes(torch.device("cpu"), tmp_path / "missing") is None
+
+
+def test_ab_step_paired_summary_matches_the_t_interval_by_hand():
+    import ab_step
+
+    base, head = [2.0, 2.1, 1.9, 2.0], [2.2, 2.2, 2.0, 2.2]
+    s = ab_step.paired_summary(base, head)
+    d = [0.2, 0.1, 0.1, 0.2]  # head − base
+    mean, sd = 0.15, math.sqrt(sum((x - 0.15) ** 2 for x in d) / 3)
+    half = 3.182446305284263 * sd / 2  # t(0.975, 3 df) · sd / √4
+    assert s["head_over_base"] == pytest.approx(2.15 / 2.0)
+    assert s["relative_diff_interval"] == pytest.approx([(mean - half) / 2.0, (mean + half) / 2.0])
+    assert s["worse_beyond_noise"] is True
+    # the same runs the other way round: faster, not worse
+    assert ab_step.paired_summary(head, base)["worse_beyond_noise"] is False
+    with pytest.raises(ValueError, match="equally long"):
+        ab_step.paired_summary([1.0], [1.0, 2.0])
+
+
+def test_ab_step_exports_a_commit_and_reads_bench_step_json(tmp_path):
+    import ab_step
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = ab_step.resolve("HEAD", ROOT)
+    root = ab_step.export(head, ROOT, tmp_path / "tree")
+    assert (root / "benchmarks" / "bench_step.py").exists() and (root / "masked_optim" / "__init__.py").exists()
+    step = {"models": {"mlp": {"ratios": {"hooks": {"b/a": {"median": 2.0}, "c/a": {"median": 3.0}}},
+                               "timing": {"a": {"median_s": 0.002}, "b[hooks]": {"median_s": 0.004}}}}}
+    assert ab_step.extract(step, "mlp") == pytest.approx({"b/a": 2.0, "c/a": 3.0, "a_ms": 2.0, "b_ms": 4.0})

@@ -70,12 +70,13 @@ def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max
     return length_factor(how, max_scale, 0.0, full_sq=full, part_sq=part)
 
 
-def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float
-                    ) -> list[Tensor]:
+def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float,
+                    full_sq: list[tuple[list[int], Tensor]] | None = None) -> list[Tensor]:
     """:func:`step_scale` of each tensor on its own, bit for bit ``[step_scale([m], [u], how,
     max_scale) for m, u in ...]``: the same norms per tensor, then the factor's elementwise
     operations once over the stacked sums of each dtype and device (on a small model those few
-    operations per tensor cost more than the norms)."""
+    operations per tensor cost more than the norms). ``full_sq`` (``how="norm"``): receives, per
+    dtype and device, the positions and their stacked ``‖u‖²`` (finite only where every ``u`` is)."""
     check_step_length(how, max_scale, len(masks))
     if how != "norm":
         return [step_scale([m], [u], how, max_scale) for m, u in zip(masks, updates)]
@@ -88,6 +89,8 @@ def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str
         norms = [torch.linalg.vector_norm(updates[j], dtype=acc) for j in js]
         norms += [torch.linalg.vector_norm(masks[j] * updates[j], dtype=acc) for j in js]
         full, part = torch.stack(norms).square_().view(2, len(js)).unbind()
+        if full_sq is not None:
+            full_sq.append((js, full))
         for j, s in zip(js, length_factor(how, max_scale, 0.0, full_sq=full, part_sq=part).unbind()):
             out[j] = s
     return out  # type: ignore[return-value]

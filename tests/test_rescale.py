@@ -338,3 +338,39 @@ def test_kept_counts_of_binary_masks_are_exact_sums():
     for binary in (False, True):
         got = counts(masks, binary)
         assert [int(c) for c in got] == [int(m.double().sum()) for m in masks]
+
+
+def test_known_finite_marks_only_updates_whose_entries_are_all_finite():
+    """step_scales' known_finite: True only where every entry of u is finite (a NaN, an inf, or a
+    square that overflows leaves it False), and the moves and plain updates it lets skip
+    mask.finite are bit for bit those without it."""
+    from masked_optim.mask import finite
+    from masked_optim.optim.masking import GroupTests, Side, Update, apply_updates, moves_of, step_scales
+
+    g = torch.Generator().manual_seed(3)
+    n, sizes = 16, [50, 40, 30, 20, 60]
+    means = [torch.randn(k, generator=g) for k in sizes]
+    m2s = [torch.rand(k, generator=g) * n for k in sizes]
+    tests = GroupTests(Side(means, m2s, n, 0.5, -1), Side(means, m2s, n, -0.5, 1), False,
+                       rescale=("norm", "tensor", 100.0))
+    us = [torch.randn(k, generator=g) for k in sizes]
+    us[1][3] = float("nan")
+    us[2][0] = float("inf")
+    us[3][:] = 3e30  # finite, but its squared norm overflows float32: not known
+    params = [torch.randn(k, generator=g) for k in sizes]
+    updates = [Update(tests, i, p, u, 0.1) for i, (p, u) in enumerate(zip(params, us))]
+    ms = [tests.mask(i, u) for i, u in enumerate(us)]
+    known = [False] * len(updates)
+    scales = step_scales(updates, ms, known)
+    assert known == [True, False, False, False, True]
+    assert all(bool(us[j].isfinite().all()) for j in range(len(us)) if known[j])
+    for (_, d_known, _, _), (_, d_plain, _, _) in zip(moves_of(updates, ms, scales, known),
+                                                       moves_of(updates, ms, scales)):
+        assert torch.equal(d_known, d_plain)
+    a, b = [p.clone() for p in params], [p.clone() for p in params]
+    apply_updates([Update(tests, i, p, u, 0.1) for i, (p, u) in enumerate(zip(a, us))], ms, scales, known)
+    apply_updates([Update(tests, i, p, u, 0.1) for i, (p, u) in enumerate(zip(b, us))], ms, scales)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # the reference of what the skip relies on: finite() returns a finite u unchanged
+    assert torch.equal(finite(us[0]), us[0])

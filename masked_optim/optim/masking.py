@@ -121,10 +121,13 @@ def masks_of(updates: Sequence[Update], last: bool = False, tests: Callable[[Gro
     return out  # type: ignore[return-value]
 
 
-def step_scales(updates: Sequence[Update], ms: Sequence[Tensor]) -> list[Tensor | None]:
+def step_scales(updates: Sequence[Update], ms: Sequence[Tensor], known_finite: list[bool] | None = None
+                ) -> list[Tensor | None]:
     """The step-length factor of each update (``None``: not rescaled). Scope ``"tensor"`` sets each
     tensor's length, ``"group"`` one length per param group, ``"global"`` one length for every group
-    that asks for it (pooled by ``(how, max_scale)``)."""
+    that asks for it (pooled by ``(how, max_scale)``). ``known_finite`` (as long as ``updates``, all
+    False): set True where a CPU update's own ``‖u‖²`` came out finite, which makes every entry of
+    ``u`` finite (the norm is already formed and reading it on the CPU costs no synchronisation)."""
     out: list[Tensor | None] = [None] * len(updates)
     pools: dict[tuple, list[int]] = {}
     for j, up in enumerate(updates):
@@ -143,8 +146,14 @@ def step_scales(updates: Sequence[Update], ms: Sequence[Tensor]) -> list[Tensor 
         for j in js:
             out[j] = s
     for (how, cap), js in alone.items():
-        for j, s in zip(js, step_scale_each([ms[j] for j in js], [updates[j].u for j in js], how, cap)):
+        full_sq: list[tuple[list[int], Tensor]] = []
+        for j, s in zip(js, step_scale_each([ms[j] for j in js], [updates[j].u for j in js], how, cap, full_sq)):
             out[j] = s
+        if known_finite is not None:
+            for pos, full in full_sq:
+                if full.device.type == "cpu":
+                    for k, ok in zip(pos, full.isfinite().tolist()):
+                        known_finite[js[k]] = ok
     return out
 
 
@@ -157,21 +166,27 @@ def kept_counts(updates: Sequence[Update], ms: Sequence[Tensor]) -> dict[int, li
     return out
 
 
-def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None]) -> None:
+def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None],
+                  known_finite: Sequence[bool] | None = None) -> None:
     """``θ ← θ − lr·s·m⊙u`` for every update. A free position takes torch.optim's own update (a mask
     of ones would round differently); a dropped coordinate never moves, even where ``u`` is not
-    finite (:func:`~masked_optim.mask.finite`)."""
-    for up, m, s in zip(updates, ms, scales):
+    finite (:func:`~masked_optim.mask.finite`, skipped where ``known_finite`` says ``u`` is: there it
+    returns ``u`` itself)."""
+    for j, (up, m, s) in enumerate(zip(updates, ms, scales)):
         if up.index in up.tests.free:
             up.param.add_(up.u, alpha=-up.lr)
         else:
-            up.param.addcmul_(finite(up.u), m if s is None else m * s.to(m.device), value=-up.lr)
+            u = up.u if known_finite is not None and known_finite[j] else finite(up.u)
+            up.param.addcmul_(u, m if s is None else m * s.to(m.device), value=-up.lr)
 
 
-def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None]) -> list[Move]:
-    """``(param, s·m⊙u, lr, None)`` of every update: what :func:`guarded_apply` moves."""
-    return [(up.param, finite(up.u) * (m if s is None else m * s.to(m.device)), up.lr, None)
-            for up, m, s in zip(updates, ms, scales)]
+def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None],
+             known_finite: Sequence[bool] | None = None) -> list[Move]:
+    """``(param, s·m⊙u, lr, None)`` of every update: what :func:`guarded_apply` moves (``known_finite``:
+    as in :func:`apply_updates`)."""
+    return [(up.param, (up.u if known_finite is not None and known_finite[j] else finite(up.u))
+             * (m if s is None else m * s.to(m.device)), up.lr, None)
+            for j, (up, m, s) in enumerate(zip(updates, ms, scales))]
 
 
 def _move(moves: Sequence[Move], factor: float) -> None:

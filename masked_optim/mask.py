@@ -71,12 +71,14 @@ def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max
 
 
 def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float,
-                    full_sq: list[tuple[list[int], Tensor]] | None = None) -> list[Tensor]:
+                    full_sq: list[tuple[list[int], Tensor]] | None = None,
+                    products: list[Tensor | None] | None = None) -> list[Tensor]:
     """:func:`step_scale` of each tensor on its own, bit for bit ``[step_scale([m], [u], how,
     max_scale) for m, u in ...]``: the same norms per tensor, then the factor's elementwise
     operations once over the stacked sums of each dtype and device (on a small model those few
-    operations per tensor cost more than the norms). ``full_sq`` (``how="norm"``): receives, per
-    dtype and device, the positions and their stacked ``‖u‖²`` (finite only where every ``u`` is)."""
+    operations per tensor cost more than the norms). With ``how="norm"``: ``full_sq`` receives, per
+    dtype and device, the positions and their stacked ``‖u‖²`` (finite only where every ``u`` is);
+    ``products`` (as long as ``masks``) the products ``m⊙u`` whose norms were taken."""
     check_step_length(how, max_scale, len(masks))
     if how != "norm":
         return [step_scale([m], [u], how, max_scale) for m, u in zip(masks, updates)]
@@ -87,7 +89,11 @@ def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str
         pools.setdefault((acc, u.device), []).append(j)
     for (acc, _), js in pools.items():
         norms = [torch.linalg.vector_norm(updates[j], dtype=acc) for j in js]
-        norms += [torch.linalg.vector_norm(masks[j] * updates[j], dtype=acc) for j in js]
+        for j in js:
+            mu = masks[j] * updates[j]
+            norms.append(torch.linalg.vector_norm(mu, dtype=acc))
+            if products is not None:
+                products[j] = mu
         full, part = torch.stack(norms).square_().view(2, len(js)).unbind()
         if full_sq is not None:
             full_sq.append((js, full))

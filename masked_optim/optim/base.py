@@ -270,13 +270,15 @@ class ProbablyAlignedOptimizer(Optimizer):
             deferred = guard or any(u.tests.rescale is not None and u.tests.rescale[1] != "tensor" for u in updates)
             ms = masks_of(updates, last=True, foreach=not deferred)
             known_finite = [False] * len(updates)
-            scales = step_scales(updates, ms, known_finite)
+            # the guard's moves reuse the m⊙u of the step lengths
+            products: list[Tensor | None] | None = [None] * len(updates) if guard else None
+            scales = step_scales(updates, ms, known_finite, products)
             if guard:
                 limit = float(stats_r.loss) + float(self.retain_guard)  # type: ignore[union-attr,arg-type]
                 model = unwrap_model(self.model)
                 batch = parsed_r.to(next(model.parameters()).device)  # type: ignore[union-attr]  # once, not per try
-                step_fraction = guarded_apply(moves_of(updates, ms, scales, known_finite) + fused_moves,
-                                              lambda: float(self._batch_loss(model, batch)), limit)
+                moves = moves_of(updates, ms, scales, known_finite, products) + fused_moves
+                step_fraction = guarded_apply(moves, lambda: float(self._batch_loss(model, batch)), limit)
             else:
                 apply_updates(updates, ms, scales, known_finite)
 

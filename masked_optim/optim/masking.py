@@ -121,13 +121,15 @@ def masks_of(updates: Sequence[Update], last: bool = False, tests: Callable[[Gro
     return out  # type: ignore[return-value]
 
 
-def step_scales(updates: Sequence[Update], ms: Sequence[Tensor], known_finite: list[bool] | None = None
-                ) -> list[Tensor | None]:
+def step_scales(updates: Sequence[Update], ms: Sequence[Tensor], known_finite: list[bool] | None = None,
+                products: list[Tensor | None] | None = None) -> list[Tensor | None]:
     """The step-length factor of each update (``None``: not rescaled). Scope ``"tensor"`` sets each
     tensor's length, ``"group"`` one length per param group, ``"global"`` one length for every group
     that asks for it (pooled by ``(how, max_scale)``). ``known_finite`` (as long as ``updates``, all
     False): set True where a CPU update's own ``‖u‖²`` came out finite, which makes every entry of
-    ``u`` finite (the norm is already formed and reading it on the CPU costs no synchronisation)."""
+    ``u`` finite (the norm is already formed and reading it on the CPU costs no synchronisation).
+    ``products`` (as long as ``updates``, all None): the ``m⊙u`` of a tensor's own length, kept for
+    :func:`moves_of` instead of freed."""
     out: list[Tensor | None] = [None] * len(updates)
     pools: dict[tuple, list[int]] = {}
     for j, up in enumerate(updates):
@@ -147,8 +149,12 @@ def step_scales(updates: Sequence[Update], ms: Sequence[Tensor], known_finite: l
             out[j] = s
     for (how, cap), js in alone.items():
         full_sq: list[tuple[list[int], Tensor]] = []
-        for j, s in zip(js, step_scale_each([ms[j] for j in js], [updates[j].u for j in js], how, cap, full_sq)):
+        prods: list[Tensor | None] | None = None if products is None else [None] * len(js)
+        each = step_scale_each([ms[j] for j in js], [updates[j].u for j in js], how, cap, full_sq, prods)
+        for j, s in zip(js, each):
             out[j] = s
+        for j, mu in zip(js, prods or ()):
+            products[j] = mu  # type: ignore[index]
         if known_finite is not None:
             for pos, full in full_sq:
                 if full.device.type == "cpu":
@@ -181,12 +187,22 @@ def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], scales: Seque
 
 
 def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None],
-             known_finite: Sequence[bool] | None = None) -> list[Move]:
+             known_finite: Sequence[bool] | None = None, products: Sequence[Tensor | None] | None = None
+             ) -> list[Move]:
     """``(param, s·m⊙u, lr, None)`` of every update: what :func:`guarded_apply` moves (``known_finite``:
-    as in :func:`apply_updates`)."""
-    return [(up.param, (up.u if known_finite is not None and known_finite[j] else finite(up.u))
-             * (m if s is None else m * s.to(m.device)), up.lr, None)
-            for j, (up, m, s) in enumerate(zip(updates, ms, scales))]
+    as in :func:`apply_updates`). ``products``: :func:`step_scales`' ``m⊙u``, scaled in place where
+    that is the same number — a hard (0/1) mask and a finite ``u``: ``m·u`` is exact, so
+    ``(m⊙u)·s`` rounds once, as ``u·(m·s)`` does (one pass instead of two)."""
+    out: list[Move] = []
+    for j, (up, m, s) in enumerate(zip(updates, ms, scales)):
+        known = known_finite is not None and known_finite[j]
+        mu = products[j] if products is not None and known and not up.tests.soft else None
+        if mu is not None:
+            d = mu if s is None else mu.mul_(s.to(mu.device))
+        else:
+            d = (up.u if known else finite(up.u)) * (m if s is None else m * s.to(m.device))
+        out.append((up.param, d, up.lr, None))
+    return out
 
 
 def _move(moves: Sequence[Move], factor: float) -> None:

@@ -10,6 +10,7 @@ parameter move — plainly (:func:`apply_updates`), backed off by the retain gua
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -158,8 +159,8 @@ def step_scales(updates: Sequence[Update], ms: Sequence[Tensor], known_finite: l
         if known_finite is not None:
             for pos, full in full_sq:
                 if full.device.type == "cpu":
-                    for k, ok in zip(pos, full.isfinite().tolist()):
-                        known_finite[js[k]] = ok
+                    for k, f in zip(pos, full.tolist()):
+                        known_finite[js[k]] = math.isfinite(f)
     return out
 
 

@@ -91,6 +91,21 @@ def paired_summary(base: Sequence[float], head: Sequence[float], level: float = 
     return out
 
 
+def summarise(runs: list[dict[str, Any]], models: Sequence[str], pairs: int) -> dict[str, Any]:
+    """Per model and key (the ratios, ``a_ms``, ``b_ms``): :func:`paired_summary` of the base and
+    head runs of each pair (pairs where either run lacks the key are left out)."""
+    measured = {(r["pair"], r["side"]): r["models"] for r in runs}
+    summary: dict[str, Any] = {}
+    for m in models:
+        summary[m] = {}
+        for key in (*RATIOS, "a_ms", "b_ms"):
+            both = [(measured[i, "base"][m].get(key), measured[i, "head"][m].get(key)) for i in range(pairs)]
+            both = [(b, h) for b, h in both if b is not None and h is not None]
+            if both:
+                summary[m][key] = paired_summary([b for b, _ in both], [h for _, h in both])
+    return summary
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     repo = Path(args.repo).resolve()
     t_start = time.perf_counter()
@@ -116,16 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 runs.append({"pair": i, "side": side, "commit": commits[side],
                              "threads": step["machine"].get("torch_threads"),
                              "models": {m: extract(step, m) for m in models}})
-    summary: dict[str, Any] = {}
-    for m in models:
-        summary[m] = {}
-        for key in (*RATIOS, "a_ms", "b_ms"):
-            pairs = [(next(r for r in runs if r["pair"] == i and r["side"] == "base")["models"][m].get(key),
-                      next(r for r in runs if r["pair"] == i and r["side"] == "head")["models"][m].get(key))
-                     for i in range(args.pairs)]
-            pairs = [(b, h) for b, h in pairs if b is not None and h is not None]
-            if pairs:
-                summary[m][key] = paired_summary([b for b, _ in pairs], [h for _, h in pairs])
+    summary = summarise(runs, models, args.pairs)
     return C.bench_payload(
         "ab_step", C.machine_info("cpu"), t_start,
         {"base": args.base, "head": args.head, "commits": commits, "pairs": args.pairs, "models": models,

@@ -220,6 +220,15 @@ def test_ab_step_paired_summary_matches_the_t_interval_by_hand():
     assert ab_step.paired_summary(head, base)["worse_beyond_noise"] is False
     with pytest.raises(ValueError, match="equally long"):
         ab_step.paired_summary([1.0], [1.0, 2.0])
+    # runs in flipped order per pair are matched by pair; a ratio only one harness has is left out
+    def run(i, side, v):
+        return {"pair": i, "side": side, "models": {"mlp": {"b/a": v, **({"c/af": 3.0} if side == "head" else {})}}}
+
+    runs = [run(i, side, v) for i, (b, h) in enumerate(zip(base, head))
+            for side, v in ((("base", b), ("head", h)) if i % 2 == 0 else (("head", h), ("base", b)))]
+    summary = ab_step.summarise(runs, ["mlp"], len(base))
+    assert set(summary["mlp"]) == {"b/a"}
+    assert summary["mlp"]["b/a"] == s
 
 
 def test_ab_step_exports_a_commit_and_reads_bench_step_json(tmp_path):

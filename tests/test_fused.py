@@ -604,17 +604,28 @@ def test_no_cxx_compiler_means_unavailable(monkeypatch):
         F._static_available.cache_clear()
 
 
-def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch):
+def _break_compilation(monkeypatch, kernels=None):
+    """Compiling fails (a backend error) for the kernels named in ``kernels`` (``None``: every one);
+    the others compile as usual. No compilation failure is on record before."""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    def broken(key):
+    compiled = F._compiled
+
+    def maybe_broken(key):
+        if kernels is not None and key[0] not in kernels:
+            return compiled(key)
+
         def fn(*args, **kwargs):
             raise BackendCompilerFailed(lambda *a: None, RuntimeError("no compiler"), None)
         return fn
 
-    monkeypatch.setattr(F, "_compiled", broken)
+    monkeypatch.setattr(F, "_compiled", maybe_broken)
     monkeypatch.setattr(F, "_BROKEN", {})
     monkeypatch.setattr(F, "_static_available", lambda dt: None)
+
+
+def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch):
+    _break_compilation(monkeypatch)
     gen = torch.Generator().manual_seed(14)
     fs, rs = sides(0.95, 0.05, gen)
     params, grads = randn(SIZES, gen), randn(SIZES, gen)
@@ -703,21 +714,7 @@ def test_add_scaled_runs_eagerly_where_it_cannot_compile():
 
 
 def test_a_failed_move_compilation_leaves_the_other_kernels_on(monkeypatch):
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    compiled = F._compiled
-
-    def move_broken(key):
-        if key[0] != "move":
-            return compiled(key)
-
-        def fn(*args, **kwargs):
-            raise BackendCompilerFailed(lambda *a: None, RuntimeError("no fma"), None)
-        return fn
-
-    monkeypatch.setattr(F, "_compiled", move_broken)
-    monkeypatch.setattr(F, "_BROKEN", {})
-    monkeypatch.setattr(F, "_static_available", lambda dt: None)
+    _break_compilation(monkeypatch, kernels={"move"})
     gen = torch.Generator().manual_seed(18)
     params, deltas = randn([400, 50], gen), randn([400, 50], gen, scale=1e-2)
     scales = [torch.tensor(2.0), torch.tensor(0.5)]

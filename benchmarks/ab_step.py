@@ -107,6 +107,8 @@ def summarise(runs: list[dict[str, Any]], models: Sequence[str], pairs: int) -> 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.pairs < 1:
+        raise SystemExit("--pairs must be at least 1")
     repo = Path(args.repo).resolve()
     t_start = time.perf_counter()
     commits = {"base": resolve(args.base, repo), "head": resolve(args.head, repo)}
@@ -172,18 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: bench_step's)")
     p.add_argument("--repo", default=str(C.HERE.parent), help="the git repository (default: this checkout)")
     p.add_argument("--out", type=Path, default=None, help="results folder for ab_step.json")
+    p.set_defaults(quick=False)  # C.bench_main's thread rule reads it; every run here is a full one
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.pairs < 1:
-        raise SystemExit("--pairs must be at least 1")
-    payload = run(args)
-    if args.out is not None:
-        C.write_json(args.out / "ab_step.json", payload)
-    print(table(payload))
-    return payload
+    return C.bench_main(argv, build_parser, run, table, "ab_step.json")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Has the step become dearer? ``bench_step.py`` on two commits, in alternating fresh processes.
 
-Each commit is exported (``git archive``) to a scratch folder and timed by its own
-``benchmarks/bench_step.py`` (``--engine hooks --no-memory``), with the package imported from that
-folder. The runs alternate in pairs whose order flips every pair (base, head; head, base; ...), so a
+Each commit is exported (``git archive``) to a scratch folder and timed by ``benchmarks/bench_step.py``
+(``--engine hooks --no-memory``), with the package imported from that folder. ``--harness`` says whose
+``bench_step.py`` (and ``_common.py``) times it: ``own`` (each commit its own), or ``base`` / ``head``
+(one harness for both packages, so that only the package differs: a harness that interleaves another
+variant, say, moves the ratios by itself; the base's harness runs any later package, it uses only the
+public API). The runs alternate in pairs whose order flips every pair (base, head; head, base; ...), so a
 slow drift of a shared machine hits both commits alike. Per model and ratio (b/a: the masked step
 against a plain NegGrad+ step; c/a: the same after the caller's backward; c/af: against the plain
 step with torch's ``SGD(fused=True)``, where the commit's harness has it) the JSON holds every run's
@@ -12,7 +15,7 @@ that interval lies above 0.
 
 Only committed code is timed (uncommitted changes of the working tree are not).
 
-    python benchmarks/ab_step.py --base 9e44930 --head HEAD --pairs 10 --models mlp --out benchmarks/results
+    python benchmarks/ab_step.py --base 9e44930 --head HEAD --pairs 10 --models mlp --harness base --out benchmarks/results
 """
 from __future__ import annotations
 
@@ -106,9 +109,29 @@ def summarise(runs: list[dict[str, Any]], models: Sequence[str], pairs: int) -> 
     return summary
 
 
+HARNESSES = ("own", "base", "head")
+
+
+def bench_command(roots: dict[str, Path], side: str, harness: str, models: Sequence[str], out: Path,
+                  threads: int | None = None) -> tuple[list[str], Path, dict[str, str]]:
+    """The command, working folder and environment of one ``bench_step`` run: the package of
+    ``roots[side]``, timed by the harness of ``roots[side]`` (``harness="own"``) or of ``roots[harness]``."""
+    if harness not in HARNESSES:
+        raise ValueError(f"harness must be one of {HARNESSES}, got {harness!r}")
+    script = roots[side if harness == "own" else harness] / "benchmarks" / "bench_step.py"
+    cmd = [sys.executable, str(script), "--models", ",".join(models), "--engine", "hooks", "--no-memory",
+           "--out", str(out)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    # the package from the side's tree: PYTHONPATH comes before the installed (editable) package
+    return cmd, roots[side], {**os.environ, "PYTHONPATH": str(roots[side])}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.pairs < 1:
         raise SystemExit("--pairs must be at least 1")
+    if args.harness not in HARNESSES:
+        raise SystemExit(f"--harness must be one of {', '.join(HARNESSES)}")
     repo = Path(args.repo).resolve()
     t_start = time.perf_counter()
     commits = {"base": resolve(args.base, repo), "head": resolve(args.head, repo)}
@@ -119,13 +142,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.pairs):
             for side in (("base", "head") if i % 2 == 0 else ("head", "base")):
                 out = Path(tmp) / f"out_{side}_{i}"
-                cmd = [sys.executable, "benchmarks/bench_step.py", "--models", ",".join(models), "--engine", "hooks",
-                       "--no-memory", "--out", str(out)]
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                env = {**os.environ, "PYTHONPATH": str(roots[side])}
+                cmd, cwd, env = bench_command(roots, side, args.harness, models, out, args.threads)
                 C.log_to_stderr(f"[ab_step] pair {i + 1}/{args.pairs}: {side} {commits[side][:10]}")
-                proc = subprocess.run(cmd, cwd=roots[side], env=env, capture_output=True, text=True)
+                proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
                 if proc.returncode:
                     raise RuntimeError(f"bench_step on {side} {commits[side][:10]} exited {proc.returncode}: "
                                        f"{(proc.stderr or proc.stdout)[-800:]}")
@@ -137,8 +156,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return C.bench_payload(
         "ab_step", C.machine_info("cpu"), t_start,
         {"base": args.base, "head": args.head, "commits": commits, "pairs": args.pairs, "models": models,
-         "threads": args.threads, "engine": "hooks",
-         "order": "alternating pairs, order flipped every pair; each commit timed by its own bench_step.py",
+         "threads": args.threads, "engine": "hooks", "harness": args.harness,
+         "order": "alternating pairs, order flipped every pair; "
+                  + ("each commit timed by its own bench_step.py" if args.harness == "own"
+                     else f"both commits' packages timed by the {args.harness} commit's bench_step.py"),
          "note": "a_ms, b_ms: medians of each run (absolute times drift with the machine's load; the "
                  "ratios are what is compared)"},
         runs=runs, summary=summary)
@@ -146,8 +167,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(payload: dict[str, Any]) -> str:
     cfg = payload["config"]
+    harness = cfg.get("harness", "own")
     rows = [f"base {cfg['commits']['base'][:10]} ({cfg['base']}), head {cfg['commits']['head'][:10]} "
-            f"({cfg['head']}), {cfg['pairs']} alternating pairs",
+            f"({cfg['head']}), {cfg['pairs']} alternating pairs, "
+            + ("each commit's own bench_step.py" if harness == "own" else f"the {harness} commit's bench_step.py for both"),
             "", "| model | ratio | base runs | head runs | base mean | head mean | head / base | 95 % interval of "
             "(head − base) / base | worse beyond noise |", "|---|---|---|---|---|---|---|---|---|"]
     for m, keys in payload["summary"].items():
@@ -171,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="HEAD", help="the later commit (default HEAD)")
     p.add_argument("--pairs", type=int, default=10, help="alternating pairs of runs (default 10)")
     p.add_argument("--models", default="mlp", help="bench_step models, comma-separated (default mlp)")
+    p.add_argument("--harness", default="own", choices=HARNESSES,
+                   help="whose bench_step.py times both packages: each commit's own (default), the base's or the head's")
     p.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: bench_step's)")
     p.add_argument("--repo", default=str(C.HERE.parent), help="the git repository (default: this checkout)")
     p.add_argument("--out", type=Path, default=None, help="results folder for ab_step.json")

@@ -231,6 +231,27 @@ def test_ab_step_paired_summary_matches_the_t_interval_by_hand():
     assert summary["mlp"]["b/a"] == s
 
 
+def test_ab_step_one_harness_times_each_sides_package(tmp_path):
+    import ab_step
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = ab_step.resolve("HEAD", ROOT)
+    roots = {side: ab_step.export(head, ROOT, tmp_path / side) for side in ("base", "head")}
+    for harness, script_side in (("base", "base"), ("head", "head"), ("own", "head")):
+        cmd, cwd, env = ab_step.bench_command(roots, "head", harness, ["mlp"], tmp_path / "out", threads=2)
+        assert pathlib.Path(cmd[1]) == roots[script_side] / "benchmarks" / "bench_step.py"
+        assert cmd[cmd.index("--threads") + 1] == "2" and cmd[cmd.index("--models") + 1] == "mlp"
+        assert cwd == roots["head"] and env["PYTHONPATH"] == str(roots["head"])
+    # the package imported there is the side's, not the installed (editable) one
+    cmd, cwd, env = ab_step.bench_command(roots, "head", "base", ["mlp"], tmp_path / "out")
+    where = subprocess.run([sys.executable, "-c", "import masked_optim; print(masked_optim.__file__)"], cwd=cwd,
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert pathlib.Path(where).resolve().is_relative_to(roots["head"].resolve())
+    with pytest.raises(ValueError, match="harness"):
+        ab_step.bench_command(roots, "head", "theirs", ["mlp"], tmp_path / "out")
+
+
 def test_ab_step_exports_a_commit_and_reads_bench_step_json(tmp_path):
     import ab_step
 

@@ -225,7 +225,7 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
     from masked_optim import fused as F
     from masked_optim.optim.adam import adam_updates
     from masked_optim.workspace import Workspace, lending
-    from masked_optim.optim.masking import GroupTests, Side, Update, apply_updates, masks_of, step_scales
+    from masked_optim.optim.masking import GroupTests, Side, Update, apply_updates, masks_of, step_lengths
     from masked_optim.optim.sgd import sgd_updates
 
     params, grads = t["params"], t["grads"]
@@ -246,7 +246,7 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
         tests = GroupTests(*sides, False, rescale=rescale, foreach=foreach)
         updates = [Update(tests, i, p, u, LR) for i, (p, u) in enumerate(zip(params, us))]
         ms = masks_of(updates, last=False, foreach=foreach)
-        apply_updates(updates, ms, step_scales(updates, ms))
+        apply_updates(updates, ms, step_lengths(updates, ms))
 
     @torch.no_grad()
     def copy() -> None:

@@ -430,13 +430,13 @@ def test_deltas_pooled_scale_equals_step_scale(how):
 def _eager_step(params, us, fs, rs, lr, rescale=None):
     """The optimizers' eager, unguarded masked step on the updates ``us``: each tensor's mask, its
     length, θ ← θ − lr·s·m⊙u (masked_optim.optim.masking); returns the kept counts."""
-    from masked_optim.optim.masking import GroupTests, Side, Update, apply_updates, masks_of, step_scales
+    from masked_optim.optim.masking import GroupTests, Side, Update, apply_updates, masks_of, step_lengths
 
     tests = GroupTests(*(Side(list(s.means), list(s.m2s), s.n, s.q, s.sign) for s in (fs, rs)), False,
                        rescale=None if rescale is None else (rescale, "tensor", 100.0))
     updates = [Update(tests, i, p, u, lr) for i, (p, u) in enumerate(zip(params, us))]
     ms = masks_of(updates)
-    apply_updates(updates, ms, step_scales(updates, ms))
+    apply_updates(updates, ms, step_lengths(updates, ms))
     return [float(m.sum()) for m in ms]
 
 

@@ -341,12 +341,12 @@ def test_kept_counts_of_binary_masks_are_exact_sums():
 
 
 def test_known_finite_marks_only_updates_whose_entries_are_all_finite():
-    """step_scales' known_finite: True only where every entry of u is finite (a NaN, an inf, or a
+    """step_lengths' known_finite: True only where every entry of u is finite (a NaN, an inf, or a
     square that overflows leaves it False), and the moves and plain updates it lets skip
     mask.finite — and the moves scaled from the step lengths' own m⊙u — are bit for bit those
     without it."""
     from masked_optim.mask import finite
-    from masked_optim.optim.masking import GroupTests, Side, Update, apply_updates, moves_of, step_scales
+    from masked_optim.optim.masking import GroupTests, Side, StepLengths, Update, apply_updates, moves_of, step_lengths
 
     g = torch.Generator().manual_seed(3)
     n, sizes = 16, [50, 40, 30, 20, 60]
@@ -361,27 +361,28 @@ def test_known_finite_marks_only_updates_whose_entries_are_all_finite():
     params = [torch.randn(k, generator=g) for k in sizes]
     updates = [Update(tests, i, p, u, 0.1) for i, (p, u) in enumerate(zip(params, us))]
     ms = [tests.mask(i, u) for i, u in enumerate(us)]
-    known = [False] * len(updates)
-    scales = step_scales(updates, ms, known)
+    lengths = step_lengths(updates, ms)
+    known = lengths.known_finite
     assert known == [True, False, False, False, True]
     assert all(bool(us[j].isfinite().all()) for j in range(len(us)) if known[j])
-    for (_, d_known, _, _), (_, d_plain, _, _) in zip(moves_of(updates, ms, scales, known),
-                                                       moves_of(updates, ms, scales)):
+    assert lengths.products == [None] * len(updates)  # not asked for: freed
+    # the same lengths with nothing known: every move goes through mask.finite
+    plain = StepLengths(lengths.scales, [False] * len(updates), [None] * len(updates))
+    for (_, d_known, _, _), (_, d_plain, _, _) in zip(moves_of(updates, ms, lengths), moves_of(updates, ms, plain)):
         assert torch.equal(d_known, d_plain)
     # the moves built from the step lengths' own m⊙u, scaled in place, are the same numbers — signed
     # zeros included (a dropped negative u gives −0 either way)
-    products = [None] * len(updates)
-    scales2 = step_scales(updates, ms, [False] * len(updates), products)
-    assert all(p is not None for p in products)
-    reused = moves_of(updates, ms, scales2, known, products)
-    assert [d is p for (_, d, _, _), p in zip(reused, products)] == known  # scaled in place where known
-    for (_, d_reused, _, _), (_, d_plain, _, _) in zip(reused, moves_of(updates, ms, scales)):
+    kept = step_lengths(updates, ms, keep_products=True)
+    assert kept.known_finite == known and all(p is not None for p in kept.products)
+    reused = moves_of(updates, ms, kept)
+    assert [d is p for (_, d, _, _), p in zip(reused, kept.products)] == known  # scaled in place where known
+    for (_, d_reused, _, _), (_, d_plain, _, _) in zip(reused, moves_of(updates, ms, plain)):
         assert torch.equal(d_reused, d_plain)
         assert torch.equal(torch.signbit(d_reused[d_reused == 0]), torch.signbit(d_plain[d_plain == 0]))
-    assert any(bool(torch.signbit(d[d == 0]).any()) for _, d, _, _ in moves_of(updates, ms, scales))
+    assert any(bool(torch.signbit(d[d == 0]).any()) for _, d, _, _ in moves_of(updates, ms, plain))
     a, b = [p.clone() for p in params], [p.clone() for p in params]
-    apply_updates([Update(tests, i, p, u, 0.1) for i, (p, u) in enumerate(zip(a, us))], ms, scales, known)
-    apply_updates([Update(tests, i, p, u, 0.1) for i, (p, u) in enumerate(zip(b, us))], ms, scales)
+    apply_updates([Update(tests, i, p, u, 0.1) for i, (p, u) in enumerate(zip(a, us))], ms, lengths)
+    apply_updates([Update(tests, i, p, u, 0.1) for i, (p, u) in enumerate(zip(b, us))], ms, plain)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     # the reference of what the skip relies on: finite() returns a finite u unchanged

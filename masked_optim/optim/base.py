@@ -28,7 +28,7 @@ from .certification import certify_step, restore_state, snapshot_state
 from .diagnostics import RawDiagnostics, StepDiagnostics
 from .fusing import fused_positions, fused_step
 from .masking import (GroupTests, Move, Side, Update, apply_updates, guarded_apply, kept_counts, masks_of, moves_of,
-                      step_scales)
+                      step_lengths)
 from .options import MASK_KEYS, MaskOptions, make_engine, validate_group
 
 __all__ = ["ProbablyAlignedOptimizer", "use_foreach"]
@@ -269,18 +269,15 @@ class ProbablyAlignedOptimizer(Optimizer):
         elif updates or fused_moves:
             deferred = guard or any(u.tests.rescale is not None and u.tests.rescale[1] != "tensor" for u in updates)
             ms = masks_of(updates, last=True, foreach=not deferred)
-            known_finite = [False] * len(updates)
-            # the guard's moves reuse the m⊙u of the step lengths
-            products: list[Tensor | None] | None = [None] * len(updates) if guard else None
-            scales = step_scales(updates, ms, known_finite, products)
+            lengths = step_lengths(updates, ms, keep_products=guard)  # the guard's moves reuse m⊙u
             if guard:
                 limit = float(stats_r.loss) + float(self.retain_guard)  # type: ignore[union-attr,arg-type]
                 model = unwrap_model(self.model)
                 batch = parsed_r.to(next(model.parameters()).device)  # type: ignore[union-attr]  # once, not per try
-                moves = moves_of(updates, ms, scales, known_finite, products) + fused_moves
+                moves = moves_of(updates, ms, lengths) + fused_moves
                 step_fraction = guarded_apply(moves, lambda: float(self._batch_loss(model, batch)), limit)
             else:
-                apply_updates(updates, ms, scales, known_finite)
+                apply_updates(updates, ms, lengths)
 
         # ---- diagnostics ----
         kept = kept_counts(updates, ms)

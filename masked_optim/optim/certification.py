@@ -14,7 +14,7 @@ from torch import Tensor
 from ..certify import one_sided_test
 from ..mask import finite
 from .diagnostics import Certificate
-from .masking import Update, apply_updates, masks_of, step_scales
+from .masking import Update, apply_updates, masks_of, step_lengths
 
 __all__ = ["certify_step", "restore_state", "snapshot_state"]
 
@@ -35,7 +35,7 @@ def certify_step(updates: Sequence[Update], confidence: float, kind: str, tries_
         cache: dict[int, Any] = {}
         ms = masks_of(updates, tests=None if not delta else lambda t: cache.setdefault(id(t), t.shifted(delta)))
         tangents = [m * finite(up.u) if s is None else m * finite(up.u) * s.to(m.device)
-                    for m, up, s in zip(ms, updates, step_scales(updates, ms))]
+                    for m, up, s in zip(ms, updates, step_lengths(updates, ms).scales)]
         ok, t_r, t_f = True, None, None
         if check_retain is not None:
             passed, t_r = one_sided_test(directional(params, tangents, check_retain), confidence, kind)
@@ -69,7 +69,7 @@ def certify_step(updates: Sequence[Update], confidence: float, kind: str, tries_
         else:
             delta, action = hi, "tightened"
             _, t_r, t_f, ms = best
-    apply_updates(updates, ms, step_scales(updates, ms))
+    apply_updates(updates, ms, step_lengths(updates, ms))
     return Certificate(action, tries, delta, t_r, t_f, confidence), ms
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,8 +22,8 @@ from ..mask import (Constraint, Term, coeff, feasibility_mask, feasibility_masks
                     step_scale, step_scale_each)
 from .diagnostics import counts
 
-__all__ = ["GUARD_HALVINGS", "GroupTests", "Move", "Side", "Update", "apply_updates", "guarded_apply",
-           "kept_counts", "masks_of", "moves_of", "step_scales", "subset"]
+__all__ = ["GUARD_HALVINGS", "GroupTests", "Move", "Side", "StepLengths", "Update", "apply_updates", "guarded_apply",
+           "kept_counts", "masks_of", "moves_of", "step_lengths", "subset"]
 
 Rescale = tuple[str, str, float]  # (how, scope, max_scale) of the step-length option
 Move = tuple[Tensor, Tensor, float, "Tensor | None"]  # (θ, d, lr, s): the guard moves θ by −lr·s·d
@@ -122,16 +123,28 @@ def masks_of(updates: Sequence[Update], last: bool = False, tests: Callable[[Gro
     return out  # type: ignore[return-value]
 
 
-def step_scales(updates: Sequence[Update], ms: Sequence[Tensor], known_finite: list[bool] | None = None,
-                products: list[Tensor | None] | None = None) -> list[Tensor | None]:
-    """The step-length factor of each update (``None``: not rescaled). Scope ``"tensor"`` sets each
-    tensor's length, ``"group"`` one length per param group, ``"global"`` one length for every group
-    that asks for it (pooled by ``(how, max_scale)``). ``known_finite`` (as long as ``updates``, all
-    False): set True where a CPU update's own ``‖u‖²`` came out finite, which makes every entry of
-    ``u`` finite (the norm is already formed and reading it on the CPU costs no synchronisation).
-    ``products`` (as long as ``updates``, all None): the ``m⊙u`` of a tensor's own length, kept for
-    :func:`moves_of` instead of freed."""
+class StepLengths(NamedTuple):
+    """What :func:`step_lengths` found, per update.
+
+    ``scales``: the step-length factor (``None``: not rescaled). ``known_finite``: True where a CPU
+    update's own ``‖u‖²`` came out finite, which makes every entry of ``u`` finite (the norm is formed
+    anyway and reading it on the CPU costs no synchronisation): the moves may skip
+    :func:`~masked_optim.mask.finite` there. ``products``: the ``m⊙u`` whose norm a tensor's own length
+    took, when they were asked for (else ``None``), for :func:`moves_of` to scale in place."""
+
+    scales: list[Tensor | None]
+    known_finite: list[bool]
+    products: list[Tensor | None]
+
+
+def step_lengths(updates: Sequence[Update], ms: Sequence[Tensor], keep_products: bool = False) -> StepLengths:
+    """The step length of each update: scope ``"tensor"`` sets each tensor's length, ``"group"`` one
+    length per param group, ``"global"`` one length for every group that asks for it (pooled by
+    ``(how, max_scale)``). ``keep_products``: keep the ``m⊙u`` of a tensor's own length instead of
+    freeing it (the guard's moves reuse it)."""
     out: list[Tensor | None] = [None] * len(updates)
+    known_finite = [False] * len(updates)
+    products: list[Tensor | None] = [None] * len(updates)
     pools: dict[tuple, list[int]] = {}
     for j, up in enumerate(updates):
         if up.tests.rescale is None:
@@ -150,18 +163,17 @@ def step_scales(updates: Sequence[Update], ms: Sequence[Tensor], known_finite: l
             out[j] = s
     for (how, cap), js in alone.items():
         full_sq: list[tuple[list[int], Tensor]] = []
-        prods: list[Tensor | None] | None = None if products is None else [None] * len(js)
+        prods: list[Tensor | None] | None = [None] * len(js) if keep_products else None
         each = step_scale_each([ms[j] for j in js], [updates[j].u for j in js], how, cap, full_sq, prods)
         for j, s in zip(js, each):
             out[j] = s
         for j, mu in zip(js, prods or ()):
-            products[j] = mu  # type: ignore[index]
-        if known_finite is not None:
-            for pos, full in full_sq:
-                if full.device.type == "cpu":
-                    for k, f in zip(pos, full.tolist()):
-                        known_finite[js[k]] = math.isfinite(f)
-    return out
+            products[j] = mu
+        for pos, full in full_sq:
+            if full.device.type == "cpu":
+                for k, f in zip(pos, full.tolist()):
+                    known_finite[js[k]] = math.isfinite(f)
+    return StepLengths(out, known_finite, products)
 
 
 def kept_counts(updates: Sequence[Update], ms: Sequence[Tensor]) -> dict[int, list[Tensor]]:
@@ -173,32 +185,27 @@ def kept_counts(updates: Sequence[Update], ms: Sequence[Tensor]) -> dict[int, li
     return out
 
 
-def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None],
-                  known_finite: Sequence[bool] | None = None) -> None:
+def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], lengths: StepLengths) -> None:
     """``θ ← θ − lr·s·m⊙u`` for every update. A free position takes torch.optim's own update (a mask
     of ones would round differently); a dropped coordinate never moves, even where ``u`` is not
-    finite (:func:`~masked_optim.mask.finite`, skipped where ``known_finite`` says ``u`` is: there it
-    returns ``u`` itself)."""
-    for j, (up, m, s) in enumerate(zip(updates, ms, scales)):
+    finite (:func:`~masked_optim.mask.finite`, skipped where ``lengths.known_finite`` says ``u`` is:
+    there it returns ``u`` itself)."""
+    for up, m, s, known in zip(updates, ms, lengths.scales, lengths.known_finite):
         if up.index in up.tests.free:
             up.param.add_(up.u, alpha=-up.lr)
         else:
-            u = up.u if known_finite is not None and known_finite[j] else finite(up.u)
+            u = up.u if known else finite(up.u)
             up.param.addcmul_(u, m if s is None else m * s.to(m.device), value=-up.lr)
 
 
-def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], scales: Sequence[Tensor | None],
-             known_finite: Sequence[bool] | None = None, products: Sequence[Tensor | None] | None = None
-             ) -> list[Move]:
-    """``(param, s·m⊙u, lr, None)`` of every update: what :func:`guarded_apply` moves (``known_finite``:
-    as in :func:`apply_updates`). ``products``: :func:`step_scales`' ``m⊙u``, scaled in place where
-    that is the same number — a hard (0/1) mask and a finite ``u``: ``m·u`` is exact, so
-    ``(m⊙u)·s`` rounds once, as ``u·(m·s)`` does (one pass instead of two)."""
+def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], lengths: StepLengths) -> list[Move]:
+    """``(param, s·m⊙u, lr, None)`` of every update: what :func:`guarded_apply` moves (finite entries
+    as in :func:`apply_updates`). A kept ``lengths.products[j]`` is scaled in place where that is the
+    same number — a hard (0/1) mask and a finite ``u``: ``m·u`` is exact, so ``(m⊙u)·s`` rounds once,
+    as ``u·(m·s)`` does (one pass instead of two)."""
     out: list[Move] = []
-    for j, (up, m, s) in enumerate(zip(updates, ms, scales)):
-        known = known_finite is not None and known_finite[j]
-        mu = products[j] if products is not None and known and not up.tests.soft else None
-        if mu is not None:
+    for up, m, s, known, mu in zip(updates, ms, lengths.scales, lengths.known_finite, lengths.products):
+        if mu is not None and known and not up.tests.soft:
             d = mu if s is None else mu.mul_(s.to(mu.device))
         else:
             d = (up.u if known else finite(up.u)) * (m if s is None else m * s.to(m.device))

@@ -336,14 +336,14 @@ def _apply_kernel(p: Tensor, d: Tensor, sums: Tensor, sc: Tensor) -> Tensor:
     return s
 
 
-def _move_kernel(p: Tensor, d: Tensor, s: Tensor, a: Tensor) -> None:
+def _move_kernel(p: Tensor, d: Tensor, s: Tensor, a: Tensor | float) -> None:
     """``θ ← θ + a·(s·d)`` with the rounding of ``d.mul_(s)`` followed by ``θ.add_(d, alpha=a)``: the
     product rounded once, then a fused multiply-add (what ATen's add with an alpha computes), so the
     compiled pass moves ``θ`` exactly as those two eager kernels do, without writing ``s·d``."""
     if _compiling():
         p.copy_(_fma(d * s, a, p))
-    else:  # the eager fallback: the two kernels themselves
-        p.add_(d * s, alpha=a.item())
+    else:  # the eager fallback: the two kernels themselves (``a``: a 0-dim tensor or a float)
+        p.add_(d * s, alpha=float(a))
 
 
 _KERNELS = {"sgd": _sgd_kernel, "adam": _adam_kernel, "apply": _apply_kernel, "move": _move_kernel}
@@ -796,7 +796,7 @@ def add_scaled_(params: Sequence[Tensor], deltas: Sequence[Tensor], scales: Sequ
     moves: list[tuple] = []
     for p, d, s, a in zip(params, deltas, scales, alphas):
         if not _movable(p, d, s):
-            p.add_(d * s.to(d.dtype), alpha=a)
+            _move_kernel(p, d, s.to(d.dtype), a)  # not compiling here: its eager branch
             continue
         moves.append((p.view(-1), d.view(-1), s, a))
     for idx in _chunks(moves, lambda mv: (mv[0].device, mv[0].dtype)):

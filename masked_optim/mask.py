@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,9 +34,11 @@ __all__ = [
     "quantile",
     "RESCALE_MODES",
     "RESCALE_SCOPES",
+    "ScaleParts",
     "soft_mask",
     "step_scale",
     "step_scale_each",
+    "step_scale_parts",
     "student_t_cdf",
     "student_t_quantile",
     "z_scores",
@@ -70,19 +73,37 @@ def step_scale(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max
     return length_factor(how, max_scale, 0.0, full_sq=full, part_sq=part)
 
 
-def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float,
-                    full_sq: list[tuple[list[int], Tensor]] | None = None,
-                    products: list[Tensor | None] | None = None) -> list[Tensor]:
+class ScaleParts(NamedTuple):
+    """:func:`step_scale_parts`: the factors and what was formed on the way to them.
+
+    ``u_sq``: with ``how="norm"``, per dtype and device the positions and their stacked ``‖u‖²``
+    (finite only where every ``u`` is); empty otherwise. ``products``: the ``m⊙u`` whose norms were
+    taken, when asked for (``None`` elsewhere)."""
+
+    scales: list[Tensor]
+    u_sq: list[tuple[list[int], Tensor]]
+    products: list[Tensor | None]
+
+
+def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float
+                    ) -> list[Tensor]:
     """:func:`step_scale` of each tensor on its own, bit for bit ``[step_scale([m], [u], how,
     max_scale) for m, u in ...]``: the same norms per tensor, then the factor's elementwise
     operations once over the stacked sums of each dtype and device (on a small model those few
-    operations per tensor cost more than the norms). With ``how="norm"``: ``full_sq`` receives, per
-    dtype and device, the positions and their stacked ``‖u‖²`` (finite only where every ``u`` is);
-    ``products`` (as long as ``masks``) the products ``m⊙u`` whose norms were taken."""
+    operations per tensor cost more than the norms)."""
+    return step_scale_parts(masks, updates, how, max_scale).scales
+
+
+def step_scale_parts(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str, max_scale: float,
+                     keep_products: bool = False) -> ScaleParts:
+    """:func:`step_scale_each` with the squared norms and (``keep_products``) the products ``m⊙u`` it
+    formed, for a caller that would otherwise form them again."""
     check_step_length(how, max_scale, len(masks))
+    products: list[Tensor | None] = [None] * len(masks)
     if how != "norm":
-        return [step_scale([m], [u], how, max_scale) for m, u in zip(masks, updates)]
+        return ScaleParts([step_scale([m], [u], how, max_scale) for m, u in zip(masks, updates)], [], products)
     out: list[Tensor | None] = [None] * len(masks)
+    u_sq: list[tuple[list[int], Tensor]] = []
     pools: dict[tuple, list[int]] = {}
     for j, (m, u) in enumerate(zip(masks, updates)):
         acc = torch.float64 if m.dtype == torch.float64 else torch.float32
@@ -92,14 +113,13 @@ def step_scale_each(masks: Sequence[Tensor], updates: Sequence[Tensor], how: str
         for j in js:
             mu = masks[j] * updates[j]
             norms.append(torch.linalg.vector_norm(mu, dtype=acc))
-            if products is not None:
+            if keep_products:
                 products[j] = mu
         full, part = torch.stack(norms).square_().view(2, len(js)).unbind()
-        if full_sq is not None:
-            full_sq.append((js, full))
+        u_sq.append((js, full))
         for j, s in zip(js, length_factor(how, max_scale, 0.0, full_sq=full, part_sq=part).unbind()):
             out[j] = s
-    return out  # type: ignore[return-value]
+    return ScaleParts(out, u_sq, products)  # type: ignore[arg-type]
 
 
 def check_step_length(how: str, max_scale: float, tensors: int) -> None:

@@ -304,7 +304,7 @@ def test_each_tensors_length_at_once_equals_one_at_a_time(how, cap):
     """mask.step_scale_each (the factors of several tensors in one elementwise pass) is step_scale of
     each tensor alone, bit for bit, in every dtype mix, with nothing kept, with u = 0, near the float
     range; and its factor is the definition's (_hand_scale)."""
-    from masked_optim.mask import step_scale_each
+    from masked_optim.mask import step_scale_each, step_scale_parts
 
     g = torch.Generator().manual_seed(7)
     for trial in range(40):
@@ -327,6 +327,19 @@ def test_each_tensors_length_at_once_equals_one_at_a_time(how, cap):
             assert torch.equal(s, want)
             if u.dtype != torch.bfloat16:
                 assert float(s) == pytest.approx(_hand_scale([m], [u], how, cap), rel=1e-5)
+        # what step_scale_parts hands on besides: the same factors, each ‖u‖² once (norm only) and the
+        # m⊙u products only when asked for
+        parts = step_scale_parts(ms, us, how, cap, keep_products=True)
+        assert all(torch.equal(a, b) for a, b in zip(parts.scales, got))
+        seen = sorted(j for pos, _ in parts.u_sq for j in pos)
+        assert seen == (list(range(len(us))) if how == "norm" else [])
+        for pos, full in parts.u_sq:
+            for j, f in zip(pos, full.tolist()):
+                ref = float(us[j].double().square().sum())
+                assert f == pytest.approx(ref, rel=1e-5) or (math.isinf(f) and ref > 3e38)
+        for m, u, mu in zip(ms, us, parts.products):
+            assert (mu is not None and torch.equal(mu, m * u)) if how == "norm" else mu is None
+        assert step_scale_parts(ms, us, how, cap).products == [None] * len(us)
 
 
 def test_kept_counts_of_binary_masks_are_exact_sums():

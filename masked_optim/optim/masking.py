@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..fused import add_scaled_
 from ..mask import (Constraint, Term, coeff, feasibility_mask, feasibility_masks, finite, keep, keep_mixed,
-                    step_scale, step_scale_each)
+                    step_scale, step_scale_parts)
 from .diagnostics import counts
 
 __all__ = ["GUARD_HALVINGS", "GroupTests", "Move", "Side", "StepLengths", "Update", "apply_updates", "guarded_apply",
@@ -162,14 +162,10 @@ def step_lengths(updates: Sequence[Update], ms: Sequence[Tensor], keep_products:
         for j in js:
             out[j] = s
     for (how, cap), js in alone.items():
-        full_sq: list[tuple[list[int], Tensor]] = []
-        prods: list[Tensor | None] | None = [None] * len(js) if keep_products else None
-        each = step_scale_each([ms[j] for j in js], [updates[j].u for j in js], how, cap, full_sq, prods)
-        for j, s in zip(js, each):
-            out[j] = s
-        for j, mu in zip(js, prods or ()):
-            products[j] = mu
-        for pos, full in full_sq:
+        parts = step_scale_parts([ms[j] for j in js], [updates[j].u for j in js], how, cap, keep_products)
+        for j, s, mu in zip(js, parts.scales, parts.products):
+            out[j], products[j] = s, mu
+        for pos, full in parts.u_sq:
             if full.device.type == "cpu":
                 for k, f in zip(pos, full.tolist()):
                     known_finite[js[k]] = math.isfinite(f)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,7 @@ from .losses import PerSampleLoss
 from .rules import Rule, rule_for, sum_sq, supports
 from .stats import (GradStats, LossFn, StatsEngine, VmapEngine, acc_dtype, eval_behaviour, m2_to_sumsq, merge_into,
                     param_names, sumsq_to_m2_)
-from .taps import REENTRANT, LayerTap, RuleTap, State
+from .taps import CERTIFY_MIN_NUMEL, REENTRANT, LayerTap, RuleTap, State
 
 __all__ = ["HookEngine", "supports"]
 
@@ -50,6 +50,27 @@ __all__ = ["HookEngine", "supports"]
 # sums of the same products in another order agree to ~1e-6; a misrouted parameter is off by O(1))
 _VERIFY_RTOL = 1e-3
 _ALONE_RTOL = 1e-3  # one sample's loss alone against in the batch
+
+
+class _RuleSpec(NamedTuple):
+    module: nn.Module
+    rule: Rule
+    owned: dict[str, int]  # parameter name -> index
+    first: int  # the index whose accumulation dtype the tap uses
+    shared: bool  # some parameter is used by another layer too
+    certify: bool  # the rule's finiteness certificate is worth its reductions
+
+
+class _LayerSpec(NamedTuple):
+    module: nn.Module
+    owned: dict[str, int]
+    first: int
+
+
+class _TapSpecs(NamedTuple):
+    rules: list[_RuleSpec]
+    layers: list[_LayerSpec]
+    hooked: set[int]  # the indices the rules own
 
 
 @dataclasses.dataclass
@@ -61,6 +82,33 @@ class _Plan:
     whole: set[int]
     names: list[str]
     verified: bool = False
+    # what every pass builds its taps from; rebuilt when ``whole`` grows (it only grows), so a
+    # step does not re-derive it
+    specs: _TapSpecs | None = None
+    specs_for: int = -1
+
+    def tap_specs(self) -> _TapSpecs:
+        """The taps of a pass, left out what ``whole`` took."""
+        if self.specs is None or self.specs_for != len(self.whole):
+            rule_specs, layer_specs = [], []
+            for mod, (rule, owned) in self.rules.items():
+                owned = {n: i for n, i in owned.items() if i not in self.whole}
+                if owned:
+                    # below CERTIFY_MIN_NUMEL, summing the means to check them is cheaper than the
+                    # certificate's reductions
+                    certify = rule.finite is not None and sum(
+                        getattr(mod, n).numel() for n in owned) >= CERTIFY_MIN_NUMEL
+                    rule_specs.append(_RuleSpec(mod, rule, owned, next(iter(owned.values())),
+                                                any(i in self.shared for i in owned.values()), certify))
+            for mod, owned in self.layers.items():
+                owned = {n: i for n, i in owned.items() if i not in self.whole}
+                if owned:
+                    layer_specs.append(_LayerSpec(mod, owned, next(iter(owned.values()))))
+            # whole's parameters stay "hooked": the fallback gives their statistics, so a pass needs
+            # no autograd gradient for them either
+            hooked = {i for _, owned in self.rules.values() for i in owned.values()}
+            self.specs, self.specs_for = _TapSpecs(rule_specs, layer_specs, hooked), len(self.whole)
+        return self.specs
 
 
 def _has_own_hooks(m: nn.Module) -> bool:
@@ -204,17 +252,10 @@ class HookEngine:
         fallback."""
         dtypes = [acc_dtype(p.dtype) for p in params]
         st = State(batch.n, segments, len(params), sq)
-        hooked = {i for _, owned in plan.rules.values() for i in owned.values()}
-        taps: list[RuleTap | LayerTap] = []
-        for mod, (rule, owned) in plan.rules.items():
-            owned = {n: i for n, i in owned.items() if i not in plan.whole}
-            if owned:
-                taps.append(RuleTap(mod, rule, owned, st, dtypes[next(iter(owned.values()))],
-                                     any(i in plan.shared for i in owned.values())))
-        for mod, owned in plan.layers.items():
-            owned = {n: i for n, i in owned.items() if i not in plan.whole}
-            if owned:
-                taps.append(LayerTap(mod, owned, st, dtypes[next(iter(owned.values()))]))
+        rule_specs, layer_specs, hooked = plan.tap_specs()
+        taps: list[RuleTap | LayerTap] = [RuleTap(mod, rule, owned, st, dtypes[first], shared, certify)
+                                          for mod, rule, owned, first, shared, certify in rule_specs]
+        taps += [LayerTap(mod, owned, st, dtypes[first]) for mod, owned, first in layer_specs]
         st.targets = [x for x in batch.tensors() if x.requires_grad]
         for i, p in enumerate(params):
             if p.requires_grad and (i not in hooked or check is not None):
@@ -257,7 +298,10 @@ class HookEngine:
     def _collect(self, params: list[Tensor], dtypes: list[torch.dtype], st: State, losses: Tensor,
                  segments: list[int]) -> list[tuple[list[Tensor], list[Tensor], Tensor, list[Tensor | None]]]:
         losses = losses.detach().to(acc_dtype(losses.dtype))
-        seg_losses = [part.mean() for part in losses.split(segments)]
+        if len(segments) > 1 and segments.count(segments[0]) == len(segments):
+            seg_losses = losses.view(len(segments), -1).mean(1).unbind()  # one reduction for k equal segments
+        else:
+            seg_losses = [part.mean() for part in losses.split(segments)]
         per_sample = {i: st.dense(i, params[i].shape).split(segments) for i in set(st.per_sample) | set(st.sparse)}
         outs = []
         for seg in range(len(segments)):

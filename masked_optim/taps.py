@@ -116,9 +116,10 @@ class RuleTap:
     """A layer with a rule: per call its input and ``δ`` (from the node that formed the output)."""
 
     def __init__(self, module: nn.Module, rule: Rule, owned: dict[str, int], state: State, dtype: torch.dtype,
-                 shared: bool) -> None:
+                 shared: bool, certify: bool = False) -> None:
         self.module, self.rule, self.owned, self.state, self.dtype = module, rule, owned, state, dtype
         self.shared = shared  # some parameter is used by another layer too: per-sample gradients
+        self.certify = certify  # the rule's finiteness certificate is worth its reductions (see _certificate)
         self.calls: list[Call] = []
         self.no_grad = self.recomputed = False
 
@@ -232,12 +233,9 @@ class RuleTap:
 
     def _certificate(self, a: Tensor, d: Tensor) -> Tensor | None:
         """The rule's certificate that this layer's means are finite, for layers large enough that
-        reading their means to check them costs more than the certificate's few reductions."""
-        if self.rule.finite is None:
-            return None
-        if sum(getattr(self.module, k).numel() for k in self.owned) < CERTIFY_MIN_NUMEL:
-            return None
-        return self.rule.finite(self.module, a, d)
+        reading their means to check them costs more than the certificate's few reductions
+        (``certify``, decided with the plan)."""
+        return self.rule.finite(self.module, a, d) if self.certify else None
 
 
 class Capture(torch.autograd.Function):

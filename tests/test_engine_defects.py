@@ -205,6 +205,33 @@ def test_a_wrong_registered_rule_is_reported_not_used():
         _REGISTRY.pop(Half)
 
 
+def test_a_rule_routed_away_is_not_run_on_later_passes():
+    """Once verification sends a layer's parameters to the whole-model fallback, later passes build
+    no tap for that layer: its (wrong) rule is not run again, and the statistics stay the loop's."""
+    class Half(nn.Linear):
+        pass
+
+    calls = []
+
+    def wrong(m, a, d):
+        calls.append(m)  # both sums halved: both parameters fail verification
+        return {"weight": (0.5 * d.t() @ a, 0.25 * (d * d).t() @ (a * a)), "bias": (0.5 * d.sum(0), (d * d).sum(0))}
+
+    register_rule(Half, wrong)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(Half(5, 7), nn.Tanh(), nn.Linear(7, 4))
+        engine = HookEngine()
+        _check(model, *_data(), expect_warning="'0.weight'", engine=engine)
+        assert calls  # the first call verified the rule (and found it wrong)
+        calls.clear()
+        _check(model, *_data(seed=1), expect_warning=None, engine=engine)  # warned once, not again
+        assert not calls
+        assert engine.routes(model, list(model.parameters()))["whole"] == [0, 1]
+    finally:
+        _REGISTRY.pop(Half)
+
+
 def test_a_registered_rule_is_used_for_its_type():
     class Scale(nn.Module):
         def __init__(self, d):

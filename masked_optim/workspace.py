@@ -105,8 +105,10 @@ def lending(workspace: Workspace | None) -> Iterator[Workspace | None]:
 def lend(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """The active workspace's buffer for a temporary of at least :data:`MIN_BYTES` on CPU, else
     ``None`` (for ``out=``: the operation then allocates its result as usual)."""
+    if math.prod(shape) * dtype.itemsize < MIN_BYTES:  # the common case on small layers: decided first
+        return None
     ws = _ACTIVE.get()
-    if ws is None or math.prod(shape) * dtype.itemsize < MIN_BYTES or torch.device(device).type != "cpu":
+    if ws is None or torch.device(device).type != "cpu":
         return None
     return ws.empty(shape, dtype, device)
 

@@ -149,6 +149,8 @@ def test_custom_loss_fn():
     [
         ((torch.randn(4, 6), torch.zeros(3, dtype=torch.long)), ValueError, "batch size"),
         ((torch.randn(0, 6), torch.zeros(0, dtype=torch.long)), ValueError, "empty"),
+        ((torch.tensor(1.0), torch.tensor(0)), ValueError, "leading batch dimension"),
+        ((torch.randn(4, 6), torch.tensor(0)), ValueError, "leading batch dimension"),
         ((torch.randn(4, 6),), TypeError, "pair"),
         (([], torch.zeros(3, dtype=torch.long)), TypeError, "tensor"),
         ((torch.randn(4, 6), [0, 1, 2, 3]), TypeError, "targets"),

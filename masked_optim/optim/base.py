@@ -517,10 +517,11 @@ class ProbablyAlignedOptimizer(Optimizer):
         # already compiled module see nothing, and torch.func through it disables dynamo; the caller's
         # autocast would lower the statistics' precision (docs/design.md §4: float32 at least)
         dev = params[0].device.type if params else "cpu"
+        if not _autocast_enabled(dev):
+            return torch.enable_grad()
         stack = contextlib.ExitStack()
         stack.enter_context(torch.enable_grad())
-        if _autocast_enabled(dev):
-            stack.enter_context(torch.autocast(dev, enabled=False))
+        stack.enter_context(torch.autocast(dev, enabled=False))
         return stack
 
     def _directional(self, params: list[Tensor], tangents: list[Tensor], batch: Batch) -> Tensor:

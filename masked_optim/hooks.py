@@ -305,6 +305,10 @@ class HookEngine:
         per_sample = {i: st.dense(i, params[i].shape).split(segments) for i in set(st.per_sample) | set(st.sparse)}
         outs = []
         for seg in range(len(segments)):
+            results = st.results[seg]
+            if not per_sample and None not in results:  # every parameter from its layer's rule, as is
+                outs.append(([r[0] for r in results], [r[1] for r in results], seg_losses[seg], st.finite[seg]))
+                continue
             means, m2s = [], []
             finite = [None if i in per_sample else c for i, c in enumerate(st.finite[seg])]
             for i, p in enumerate(params):

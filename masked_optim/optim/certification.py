@@ -14,7 +14,7 @@ from torch import Tensor
 from ..certify import one_sided_test
 from ..mask import finite
 from .diagnostics import Certificate
-from .masking import Update, apply_updates, masks_of, step_lengths
+from .masking import StepLengths, Update, apply_updates, masks_of, step_lengths
 
 __all__ = ["certify_step", "restore_state", "snapshot_state"]
 
@@ -31,11 +31,13 @@ def certify_step(updates: Sequence[Update], confidence: float, kind: str, tries_
     ``"skip"`` applies nothing. Returns the certificate and the masks applied."""
     params = [up.param for up in updates]
 
-    def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor]]:
+    def evaluate(delta: float) -> tuple[bool, float | None, float | None, list[Tensor], StepLengths]:
         cache: dict[int, Any] = {}
         ms = masks_of(updates, tests=None if not delta else lambda t: cache.setdefault(id(t), t.shifted(delta)))
-        tangents = [m * finite(up.u) if s is None else m * finite(up.u) * s.to(m.device)
-                    for m, up, s in zip(ms, updates, step_lengths(updates, ms).scales)]
+        lengths = step_lengths(updates, ms)
+        # a u known finite (its ‖u‖² was) is its own finite(u): the same tangent without the pass
+        us = [up.u if known else finite(up.u) for up, known in zip(updates, lengths.known_finite)]
+        tangents = [m * u if s is None else m * u * s.to(m.device) for m, u, s in zip(ms, us, lengths.scales)]
         ok, t_r, t_f = True, None, None
         if check_retain is not None:
             passed, t_r = one_sided_test(directional(params, tangents, check_retain), confidence, kind)
@@ -43,10 +45,10 @@ def certify_step(updates: Sequence[Update], confidence: float, kind: str, tries_
         if check_forget is not None and ok:
             passed, t_f = one_sided_test(-directional(params, tangents, check_forget), confidence, kind)
             ok &= passed
-        return ok, t_r, t_f, ms
+        return ok, t_r, t_f, ms, lengths
 
     tries = 1
-    ok, t_r, t_f, ms = evaluate(0.0)
+    ok, t_r, t_f, ms, lengths = evaluate(0.0)
     delta, action = 0.0, "accepted"
     if not ok and policy == "skip":
         return Certificate("skipped", tries, 0.0, t_r, t_f, confidence), []
@@ -66,10 +68,11 @@ def certify_step(updates: Sequence[Update], confidence: float, kind: str, tries_
         if best is None:  # nothing passed in the budget: the empty step is trivially safe
             delta, action, t_r, t_f = math.inf, "emptied", None, None
             ms = [torch.zeros_like(up.u) for up in updates]
+            lengths = step_lengths(updates, ms)
         else:
             delta, action = hi, "tightened"
-            _, t_r, t_f, ms = best
-    apply_updates(updates, ms, step_lengths(updates, ms))
+            _, t_r, t_f, ms, lengths = best
+    apply_updates(updates, ms, lengths)  # the lengths the accepted masks were tested with
     return Certificate(action, tries, delta, t_r, t_f, confidence), ms
 
 

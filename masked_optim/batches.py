@@ -111,11 +111,6 @@ def parse_batch(batch: Batch | ParsedBatch, name: str = "batch") -> ParsedBatch:
     """
     if isinstance(batch, ParsedBatch):
         return batch
-    if type(batch) is tuple and len(batch) == 2:  # the usual (inputs, targets): its checks at once
-        x, y = batch
-        if (isinstance(x, Tensor) and isinstance(y, Tensor) and x.dim() > 0 and y.dim() > 0
-                and x.shape[0] == y.shape[0] > 0):
-            return ParsedBatch((x,), {}, y, y.shape[0])
     if isinstance(batch, Mapping):
         if LABELS not in batch:
             raise TypeError(

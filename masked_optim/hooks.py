@@ -94,8 +94,6 @@ class _Plan:
             for mod, (rule, owned) in self.rules.items():
                 owned = {n: i for n, i in owned.items() if i not in self.whole}
                 if owned:
-                    # below CERTIFY_MIN_NUMEL, summing the means to check them is cheaper than the
-                    # certificate's reductions
                     certify = rule.finite is not None and sum(
                         getattr(mod, n).numel() for n in owned) >= CERTIFY_MIN_NUMEL
                     rule_specs.append(_RuleSpec(mod, rule, owned, next(iter(owned.values())),
@@ -305,24 +303,19 @@ class HookEngine:
         per_sample = {i: st.dense(i, params[i].shape).split(segments) for i in set(st.per_sample) | set(st.sparse)}
         outs = []
         for seg in range(len(segments)):
-            results = st.results[seg]
-            if not per_sample and None not in results:  # every parameter from its layer's rule, as is
-                outs.append(([r[0] for r in results], [r[1] for r in results], seg_losses[seg], st.finite[seg]))
-                continue
-            means, m2s = [], []
-            finite = [None if i in per_sample else c for i, c in enumerate(st.finite[seg])]
-            for i, p in enumerate(params):
-                r = st.results[seg][i]
-                if i in per_sample:
-                    g = per_sample[i][seg]
-                    mean = g.sum(0).div_(g.shape[0])
-                    sq = sum_sq(g)
-                    r = (mean, sq if st.sq else sumsq_to_m2_(mean, sq, g.shape[0]))
-                elif r is None:  # not used by this forward (or left to the fallback): no gradient
-                    r = (torch.zeros_like(p, dtype=dtypes[i]), torch.zeros_like(p, dtype=dtypes[i]))
-                means.append(r[0])
-                m2s.append(r[1])
-            outs.append((means, m2s, seg_losses[seg], finite))
+            # this pass's own lists: completed in place, then handed on
+            results, finite = st.results[seg], st.finite[seg]
+            for i, gs in per_sample.items():
+                g = gs[seg]
+                mean = g.sum(0).div_(g.shape[0])
+                sq = sum_sq(g)
+                results[i], finite[i] = (mean, sq if st.sq else sumsq_to_m2_(mean, sq, g.shape[0])), None
+            if None in results:  # not used by this forward (or left to the fallback): no gradient
+                for i, r in enumerate(results):
+                    if r is None:
+                        results[i] = (torch.zeros_like(params[i], dtype=dtypes[i]),
+                                      torch.zeros_like(params[i], dtype=dtypes[i]))
+            outs.append(([r[0] for r in results], [r[1] for r in results], seg_losses[seg], finite))
         return outs
 
     def _verify(self, model: nn.Module, params: list[Tensor], plan: _Plan, batch: ParsedBatch, loss: PerSampleLoss) -> None:

@@ -12,9 +12,8 @@ import torch
 from torch import Tensor
 
 from ..certify import one_sided_test
-from ..mask import finite
 from .diagnostics import Certificate
-from .masking import StepLengths, Update, apply_updates, masks_of, step_lengths
+from .masking import StepLengths, Update, apply_updates, finite_update, masks_of, step_lengths
 
 __all__ = ["certify_step", "restore_state", "snapshot_state"]
 
@@ -35,8 +34,7 @@ def certify_step(updates: Sequence[Update], confidence: float, kind: str, tries_
         cache: dict[int, Any] = {}
         ms = masks_of(updates, tests=None if not delta else lambda t: cache.setdefault(id(t), t.shifted(delta)))
         lengths = step_lengths(updates, ms)
-        # a u known finite (its ‖u‖² was) is its own finite(u): the same tangent without the pass
-        us = [up.u if known else finite(up.u) for up, known in zip(updates, lengths.known_finite)]
+        us = [finite_update(up, known) for up, known in zip(updates, lengths.known_finite)]
         tangents = [m * u if s is None else m * u * s.to(m.device) for m, u, s in zip(ms, us, lengths.scales)]
         ok, t_r, t_f = True, None, None
         if check_retain is not None:

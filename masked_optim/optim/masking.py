@@ -23,7 +23,7 @@ from ..mask import (Constraint, Term, coeff, feasibility_mask, feasibility_masks
 from .diagnostics import counts
 
 __all__ = ["GUARD_HALVINGS", "GroupTests", "Move", "Side", "StepLengths", "Update", "apply_updates", "guarded_apply",
-           "kept_counts", "masks_of", "moves_of", "step_lengths", "subset"]
+           "finite_update", "kept_counts", "masks_of", "moves_of", "step_lengths", "subset"]
 
 Rescale = tuple[str, str, float]  # (how, scope, max_scale) of the step-length option
 Move = tuple[Tensor, Tensor, float, "Tensor | None"]  # (θ, d, lr, s): the guard moves θ by −lr·s·d
@@ -181,6 +181,11 @@ def kept_counts(updates: Sequence[Update], ms: Sequence[Tensor]) -> dict[int, li
     return out
 
 
+def finite_update(up: Update, known: bool) -> Tensor:
+    """``finite(u)``; ``u`` itself where :attr:`StepLengths.known_finite` says it is finite."""
+    return up.u if known else finite(up.u)
+
+
 def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], lengths: StepLengths) -> None:
     """``θ ← θ − lr·s·m⊙u`` for every update. A free position takes torch.optim's own update (a mask
     of ones would round differently); a dropped coordinate never moves, even where ``u`` is not
@@ -190,8 +195,7 @@ def apply_updates(updates: Sequence[Update], ms: Sequence[Tensor], lengths: Step
         if up.index in up.tests.free:
             up.param.add_(up.u, alpha=-up.lr)
         else:
-            u = up.u if known else finite(up.u)
-            up.param.addcmul_(u, m if s is None else m * s.to(m.device), value=-up.lr)
+            up.param.addcmul_(finite_update(up, known), m if s is None else m * s.to(m.device), value=-up.lr)
 
 
 def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], lengths: StepLengths) -> list[Move]:
@@ -204,7 +208,7 @@ def moves_of(updates: Sequence[Update], ms: Sequence[Tensor], lengths: StepLengt
         if mu is not None and known and not up.tests.soft:
             d = mu if s is None else mu.mul_(s.to(mu.device))
         else:
-            d = (up.u if known else finite(up.u)) * (m if s is None else m * s.to(m.device))
+            d = finite_update(up, known) * (m if s is None else m * s.to(m.device))
         out.append((up.param, d, up.lr, None))
     return out
 

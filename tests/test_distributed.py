@@ -172,6 +172,9 @@ def _worker(rank: int, tmp: str) -> None:
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
+    # as a forked worker does anyway: with spawn (an accelerator present), interpreter finalisation
+    # can abort in torch's teardown after the results are saved (tests/test_torch_contracts.py)
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,7 @@ class RuleTap:
     """A layer with a rule: per call its input and ``δ`` (from the node that formed the output)."""
 
     def __init__(self, module: nn.Module, rule: Rule, owned: dict[str, int], state: State, dtype: torch.dtype,
-                 shared: bool, certify: bool = False) -> None:
+                 shared: bool, certify: bool) -> None:
         self.module, self.rule, self.owned, self.state, self.dtype = module, rule, owned, state, dtype
         self.shared = shared  # some parameter is used by another layer too: per-sample gradients
         self.certify = certify  # the rule's finiteness certificate is worth its reductions (see _certificate)

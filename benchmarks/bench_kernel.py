@@ -22,6 +22,12 @@ side by side (interleaved repeats, after warm-up, medians), on P parameters spli
                        still uses every input (:func:`traffic_sgd_`, :func:`traffic_adam_`): fused /
                        traffic is what the step's arithmetic, mask and kept count cost on top of its
                        bytes, traffic / torch fused what those bytes cost against torch's
+  sgd_traffic_base, adam_traffic_base   the same compiled pass over the base optimizer's tensors only
+                       (torch's 20 / 28 B/param: :func:`traffic_sgd_base_`, :func:`traffic_adam_base_`):
+                       traffic_base / torch fused is what the compiled path costs against ATen's kernel on
+                       the same bytes, traffic / traffic_base what the statistics' bytes add on this
+                       device's memory hierarchy (more than their share of bytes where torch's working
+                       set fits the last-level cache and the masked step's does not)
 
 Achieved bandwidth = the bytes the operation must move at least (each input read once, each output
 written once, float32) / time; "min bytes" per parameter (BYTES_FLOOR): copy 8, mask 24 (u and 4
@@ -76,7 +82,7 @@ BYTES_FLOOR = {"copy": 8, "mask": 24,
                "sgd_fused_stats": 32, "sgd_fused_norm": 36, "sgd_fused_norm_recompute": 36,
                "adam_torch": 28, "adam_torch_fused": 28, "adam_masked": 44, "adam_masked_norm": 44, "adam_fused": 44,
                "adam_fused_stats": 40, "adam_fused_norm": 44, "adam_fused_norm_recompute": 44,
-               "sgd_traffic": 36, "adam_traffic": 44}
+               "sgd_traffic": 36, "adam_traffic": 44, "sgd_traffic_base": 20, "adam_traffic_base": 28}
 BYTES_MOVED = {**BYTES_FLOOR, "sgd_fused_norm": 36 + 12, "sgd_fused_norm_recompute": 36 + 28,
                "adam_fused_norm": 44 + 12, "adam_fused_norm_recompute": 44 + 32}
 # kept for readers of older JSON: the names of this benchmark before issue 15
@@ -98,13 +104,14 @@ DEFAULT_SIZES_CUDA = (1e6, 1e7, 1e8)
 RATIOS = [(f"{k}_{a}", f"{k}_{b}") for k in ("sgd", "adam") for a, b in (
     ("fused", "torch_fused"), ("fused", "torch"), ("fused", "masked"), ("fused_stats", "torch_fused"),
     ("fused_norm", "torch_fused"), ("fused_norm", "masked_norm"), ("fused_norm_recompute", "fused_norm"),
-    ("masked", "torch_fused"), ("masked", "torch"), ("fused", "traffic"), ("traffic", "torch_fused"))] + [
+    ("masked", "torch_fused"), ("masked", "torch"), ("fused", "traffic"), ("traffic", "torch_fused"),
+    ("traffic", "traffic_base"), ("traffic_base", "torch_fused"))] + [
     ("mask", "adam_torch")]
 
 
 #: the variants timed from cold caches as well (see the module docstring)
-COLD_VARIANTS = ("copy", "sgd_torch_fused", "sgd_fused", "sgd_fused_stats", "sgd_traffic", "adam_torch_fused",
-                 "adam_fused", "adam_fused_stats", "adam_traffic")
+COLD_VARIANTS = ("copy", "sgd_torch_fused", "sgd_fused", "sgd_fused_stats", "sgd_traffic", "sgd_traffic_base",
+                 "adam_torch_fused", "adam_fused", "adam_fused_stats", "adam_traffic", "adam_traffic_base")
 #: single calls per variant and repeat in the cold timing (each after its own eviction)
 COLD_CALLS = 3
 #: the eviction buffer when the last-level cache size is unknown
@@ -173,6 +180,25 @@ def traffic_adam_(ps: list, gs: list, ms: list, vs: list, mfs: list, sfs: list, 
     for p, g, m, v, mf, sf, mr, sr in zip(ps, gs, ms, vs, mfs, sfs, mrs, srs):
         nm, nv = m * c[0] + g, v * c[2] + mf
         p.copy_(p - c[1] * (nm + nv + sf + mr + sr))
+        m.copy_(nm)
+        v.copy_(nv)
+
+
+def traffic_sgd_base_(ps: list, gs: list, bufs: list, c: torch.Tensor) -> None:
+    """torch's SGD step's memory traffic (read θ, g and buf; write θ and buf), as :func:`traffic_sgd_`
+    without the statistics: ``buf ← c₀·buf + g``, ``θ ← θ − c₁·buf``."""
+    for p, g, b in zip(ps, gs, bufs):
+        nb = b * c[0] + g
+        p.copy_(p - c[1] * nb)
+        b.copy_(nb)
+
+
+def traffic_adam_base_(ps: list, gs: list, ms: list, vs: list, c: torch.Tensor) -> None:
+    """torch's Adam step's memory traffic (read θ, g, m and v; write θ, m and v): ``m ← c₀·m + g``,
+    ``v ← c₂·v + g``, ``θ ← θ − c₁·(m + v)``."""
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        nm, nv = m * c[0] + g, v * c[2] + g
+        p.copy_(p - c[1] * (nm + nv))
         m.copy_(nm)
         v.copy_(nv)
 
@@ -297,11 +323,11 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
                 F.RESCALE_PASSES = "scratch"
         return fn
 
-    def traffic(fn: Any, *lists: list) -> Any:
+    def traffic(fn: Any, *lists: list, statistics: bool = True) -> Any:
         # compiled as the fused steps are (symbolic sizes, one call per chunk of GROUP_SIZE tensors)
         compiled = torch.compile(fn, dynamic=True)
         stats = [[c.mean for c in t["forget"]], [c.m2 for c in t["forget"]],
-                 [c.mean for c in t["retain"]], [c.m2 for c in t["retain"]]]
+                 [c.mean for c in t["retain"]], [c.m2 for c in t["retain"]]] if statistics else []
         c = torch.tensor([0.9, LR, 0.999], device=device)
         cols = [params, grads, *lists, *stats]
 
@@ -325,10 +351,12 @@ def variants(t: dict[str, Any], device: torch.device, quick: bool = False) -> di
         "adam_fused_norm_recompute": adam_fused_step(rescale="norm", passes="recompute"),
         "sgd_traffic": traffic(traffic_sgd_, t["traffic_bufs"]),
         "adam_traffic": traffic(traffic_adam_, t["traffic_ms"], t["traffic_vs"]),
+        "sgd_traffic_base": traffic(traffic_sgd_base_, t["traffic_bufs"], statistics=False),
+        "adam_traffic_base": traffic(traffic_adam_base_, t["traffic_ms"], t["traffic_vs"], statistics=False),
     }
     if quick:  # the code check compiles as few graphs as it can
         for name in ("sgd_fused_norm_recompute", "adam_fused_norm_recompute", "adam_fused_stats", "adam_fused_norm",
-                     "adam_traffic"):
+                     "adam_traffic", "adam_traffic_base"):
             del fns[name]
     return fns
 
@@ -548,6 +576,12 @@ def table(payload: dict[str, Any]) -> str:
                         else "")
                 notes.append(f"- P={float(total):.0e} {label}: fused / the same bytes with no arithmetic "
                              f"{r[a]['median']:.2f}×, those bytes / torch fused {r[b]['median']:.2f}×{cold}")
+            a, b = f"{fam}_traffic/{fam}_traffic_base", f"{fam}_traffic_base/{fam}_torch_fused"
+            if a in r and b in r:
+                cold = (f" (cold: {cr[a]['median']:.2f}×, {cr[b]['median']:.2f}×)" if a in cr and b in cr
+                        else "")
+                notes.append(f"- P={float(total):.0e} {label}: those bytes / torch's bytes through the same compiled "
+                             f"pass {r[a]['median']:.2f}×; that pass / torch fused {r[b]['median']:.2f}×{cold}")
     for total, e in payload["sizes"].items():
         r = e["ratios"]
         for fam in ("sgd", "adam"):

@@ -60,6 +60,7 @@ def test_run_all_quick_writes_json_and_summary(tmp_path):
     assert not entry["errors"], entry["errors"]
     assert 0.0 <= entry["kept_fraction"] <= 1.0
     assert "sgd_traffic" in entry["timing"] and "sgd_fused/sgd_traffic" in entry["ratios"]
+    assert "sgd_traffic/sgd_traffic_base" in entry["ratios"] and "sgd_traffic_base" in entry["cold"]["timing"]
     cold = entry["cold"]  # the cold-cache timing of the acceptance pairs ran
     assert {"copy", "sgd_torch_fused", "adam_torch_fused"} <= set(cold["timing"])
     assert all(t > 0 for v in cold["timing"].values() for t in v["times_s"])
@@ -169,7 +170,8 @@ def test_kernel_cold_timing_times_single_calls_interleaved():
     assert all(len(v["times_s"]) == 2 * bench_kernel.COLD_CALLS for v in out.values())
 
 
-@pytest.mark.parametrize("name, n_lists", [("traffic_sgd_", 7), ("traffic_adam_", 8)])
+@pytest.mark.parametrize("name, n_lists", [("traffic_sgd_", 7), ("traffic_adam_", 8), ("traffic_sgd_base_", 3),
+                                           ("traffic_adam_base_", 4)])
 def test_kernel_traffic_pass_reads_every_input(name, n_lists):
     # the byte floor is only a floor if no input can be dropped: changing any one input must change
     # a written tensor
@@ -178,7 +180,8 @@ def test_kernel_traffic_pass_reads_every_input(name, n_lists):
     g = torch.Generator().manual_seed(0)
     base = [[torch.randn(5, generator=g)] for _ in range(n_lists)]
     c = torch.tensor([0.9, 0.1, 0.99])
-    written = {"traffic_sgd_": (0, 2), "traffic_adam_": (0, 2, 3)}[name]
+    written = {"traffic_sgd_": (0, 2), "traffic_adam_": (0, 2, 3), "traffic_sgd_base_": (0, 2),
+               "traffic_adam_base_": (0, 2, 3)}[name]
 
     def outputs(lists):
         lists = [[t.clone() for t in col] for col in lists]

@@ -567,21 +567,20 @@ def table(payload: dict[str, Any]) -> str:
                 "adam_fused_stats/adam_torch_fused") if k in cr)
             notes.append(f"- P={float(total):.0e}, cold caches (each call after writing "
                          f"{cold['evict_bytes'] / 2**20:.0f} MiB): {got}")
+    byte_notes = (("fused", "traffic", "torch_fused", "fused / the same bytes with no arithmetic {}, those bytes / "
+                   "torch fused {}"),
+                  ("traffic", "traffic_base", "torch_fused", "those bytes / torch's bytes through the same compiled "
+                   "pass {}; that pass / torch fused {}"))
     for total, e in payload["sizes"].items():
         r, cr = e["ratios"], e.get("cold", {}).get("ratios", {})
         for fam, label in fams:
-            a, b = f"{fam}_fused/{fam}_traffic", f"{fam}_traffic/{fam}_torch_fused"
-            if a in r and b in r:
-                cold = (f" (cold: {cr[a]['median']:.2f}×, {cr[b]['median']:.2f}×)" if a in cr and b in cr
-                        else "")
-                notes.append(f"- P={float(total):.0e} {label}: fused / the same bytes with no arithmetic "
-                             f"{r[a]['median']:.2f}×, those bytes / torch fused {r[b]['median']:.2f}×{cold}")
-            a, b = f"{fam}_traffic/{fam}_traffic_base", f"{fam}_traffic_base/{fam}_torch_fused"
-            if a in r and b in r:
-                cold = (f" (cold: {cr[a]['median']:.2f}×, {cr[b]['median']:.2f}×)" if a in cr and b in cr
-                        else "")
-                notes.append(f"- P={float(total):.0e} {label}: those bytes / torch's bytes through the same compiled "
-                             f"pass {r[a]['median']:.2f}×; that pass / torch fused {r[b]['median']:.2f}×{cold}")
+            for x, y, z, text in byte_notes:
+                a, b = f"{fam}_{x}/{fam}_{y}", f"{fam}_{y}/{fam}_{z}"
+                if a in r and b in r:
+                    cold = (f" (cold: {cr[a]['median']:.2f}×, {cr[b]['median']:.2f}×)" if a in cr and b in cr
+                            else "")
+                    got = text.format(f"{r[a]['median']:.2f}×", f"{r[b]['median']:.2f}×")
+                    notes.append(f"- P={float(total):.0e} {label}: {got}{cold}")
     for total, e in payload["sizes"].items():
         r = e["ratios"]
         for fam in ("sgd", "adam"):
